@@ -1,0 +1,197 @@
+"""File -> frames -> chunks -> network -> coder: compress and decompress byte strings.
+
+Frames are independent (own ANS stack, own context), so they can be coded in parallel
+processes with output identical to a serial run. Within a frame, chunks are chained on
+one stack in reverse order, so the decoder emits them in file order and each chunk's
+network sees the clean bytes before it. The stack starts on a fixed pseudo-random seed
+known to both sides; the encoder stores only the part of the final stack that differs
+from the seed's untouched bottom, and the decoder checks that it ends on the seed.
+"""
+import os
+import zlib
+
+import numpy as np
+import torch
+
+from . import coder as bb
+from . import container
+from .container import BFN, STORED, CorruptError, Frame
+from .model import load_weights
+
+SEED_WORDS = 1 << 14
+
+
+def seed_words():
+    return np.random.default_rng(0x5EED).integers(1, 2 ** 32, SEED_WORDS, dtype=np.uint32)
+
+
+class Predictor:
+    """The network as the coder sees it: float64, one thread, logits on a fixed grid."""
+
+    def __init__(self, model):
+        self.model = model
+        self.cfg = model.cfg
+
+    def for_chunk(self, context, length):
+        cfg = self.cfg
+        ctx = torch.from_numpy(np.asarray(context[len(context) - cfg.context_len:] if cfg.context_len else
+                                          context[:0], dtype=np.int64))[None]
+        cache = self.model.context(ctx) if ctx.shape[1] else None
+        z = torch.zeros(1, 1, length, cfg.V, 2, dtype=torch.float64)
+
+        @torch.no_grad()
+        def predict(s, t):
+            z[..., 1] = torch.from_numpy(np.ascontiguousarray(s, dtype=np.float64)).reshape(1, 1, length, cfg.V)
+            log_p = self.model(z, torch.full((1, 1), float(t), dtype=torch.float64), cache)
+            return bb.quantise_logit((log_p[..., 1] - log_p[..., 0]).reshape(-1).numpy())
+        return predict
+
+
+def chunk_bounds(n_bytes, chunk_len):
+    return [(a, min(a + chunk_len, n_bytes)) for a in range(0, n_bytes, chunk_len)]
+
+
+def encode_frame(data, predictor, sch, allow_stored=True, progress=None):
+    """bytes -> Frame: bits-back coded, or stored when that is not smaller."""
+    stats = {"model_bits": 0.0}
+    if len(data):
+        stack = bb.AnsCoder(seed_words())
+        arr = np.frombuffer(data, dtype=np.uint8)
+        for a, b in reversed(chunk_bounds(len(arr), predictor.cfg.chunk_len)):
+            bits = np.unpackbits(arr[a:b]).astype(np.int64)
+            bb.encode_chunk(stack, sch, bits, predictor.for_chunk(arr[:a], b - a), stats)
+            if progress:
+                progress(b - a)
+        words = stack.get_compressed()
+        seed = seed_words()
+        m = min(len(words), len(seed))
+        prefix = int(np.argmin(words[:m] == seed[:m])) if not np.array_equal(words[:m], seed[:m]) else m
+        payload = words[prefix:].astype("<u4").tobytes()
+        if len(payload) < len(data) or not allow_stored:
+            return Frame(BFN, len(data), prefix, payload, stats["model_bits"])
+    return Frame(STORED, len(data), 0, bytes(data), stats["model_bits"])
+
+
+def decode_frame(frame, predictor, sch, progress=None):
+    if frame.method == STORED:
+        return frame.payload
+    seed = seed_words()
+    if len(frame.payload) % 4 or frame.seed_prefix > len(seed):
+        raise CorruptError("corrupted frame")
+    words = np.concatenate([seed[:frame.seed_prefix], np.frombuffer(frame.payload, dtype="<u4")])
+    if len(words) < 2 or words[-1] == 0:
+        raise CorruptError("corrupted frame")
+    stack = bb.AnsCoder(words.astype(np.uint32))
+    out = np.zeros(frame.raw_len, dtype=np.uint8)
+    for a, b in chunk_bounds(frame.raw_len, predictor.cfg.chunk_len):
+        bits = bb.decode_chunk(stack, sch, 8 * (b - a), predictor.for_chunk(out[:a], b - a))
+        out[a:b] = np.packbits(bits.astype(np.uint8))
+        if progress:
+            progress(b - a)
+    if not np.array_equal(stack.get_compressed(), seed):
+        raise CorruptError("corrupted data or wrong model: the stream did not end on its seed")
+    return out.tobytes()
+
+
+# ---- frames in worker processes: each loads the model once, runs the network on one thread ----
+
+_worker = {}
+
+
+def _init_worker(model_path, steps, bins):
+    torch.set_num_threads(1)
+    model, fp, _ = load_weights(model_path)
+    _worker.update(predictor=Predictor(model), sch=bb.Schedule(steps, model.cfg.beta1, bins), fp=fp)
+
+
+def _encode_job(data, progress=None):
+    return encode_frame(data, _worker["predictor"], _worker["sch"], progress=progress)
+
+
+def _decode_job(frame, progress=None):
+    try:
+        return decode_frame(frame, _worker["predictor"], _worker["sch"], progress=progress)
+    except CorruptError as e:
+        return e
+
+
+def run_frames(job, items, model_path, steps, bins, workers, progress=None, size=len):
+    """Map job over frames in `workers` processes (1: in this process). Results keep their order.
+
+    progress(n_bytes) is called as bytes are done: per chunk in this process, per frame in a pool.
+    """
+    if workers <= 1 or len(items) <= 1:
+        _init_worker(model_path, steps, bins)
+        return [job(item, progress) for item in items]
+    import multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(min(workers, len(items)), _init_worker, (model_path, steps, bins)) as pool:
+        results = []
+        for item, res in zip(items, pool.imap(job, items)):
+            results.append(res)
+            if progress:
+                progress(size(item))
+        return results
+
+
+def split_frames(data, frame_size):
+    return [data[a:a + frame_size] for a in range(0, len(data), frame_size)] or [b""]
+
+
+def checksum(data):
+    return zlib.crc32(data) & 0xFFFFFFFF
+
+
+def default_workers():
+    return max(1, min(os.cpu_count() or 1, 8))
+
+
+# ---- whole files ----
+
+DEFAULT_MODEL = os.path.join(os.path.dirname(__file__), "weights", "default.pt")
+DEFAULT_STEPS = 10
+DEFAULT_BINS = 4
+FRAME_SIZE = 1 << 20
+
+
+def compress(data, model_path=None, steps=DEFAULT_STEPS, bins=DEFAULT_BINS, frame_size=FRAME_SIZE,
+             workers=1, progress=None):
+    """bytes -> (.bfn bytes, the model's expected code length in bits for the coded frames)."""
+    model_path = model_path or DEFAULT_MODEL
+    model, fp, _ = load_weights(model_path)
+    parts = split_frames(bytes(data), frame_size)
+    frames = run_frames(_encode_job, parts, model_path, steps, bins, workers, progress)
+    header = container.Header(fp, steps, bins, model.cfg.chunk_len, model.cfg.context_len, frame_size,
+                              len(data), checksum(data))
+    blob = container.pack(header, frames, [checksum(p) for p in parts])
+    return blob, sum(f.model_bits for f in frames if f.method == BFN)
+
+
+def decompress(blob, model_path=None, workers=1, progress=None):
+    """.bfn bytes -> the original bytes, verified against every checksum; raises FormatError."""
+    header, frames, crcs = container.unpack(blob)
+    if any(f.method == BFN for f in frames):
+        model_path = model_path or DEFAULT_MODEL
+        model, fp, _ = load_weights(model_path)
+        if fp != header.model:
+            raise container.FormatError(f"this file needs model {header.model}, but the model given is {fp} "
+                                        f"({model_path}); pass the right one with --model")
+        if (model.cfg.chunk_len, model.cfg.context_len) != (header.chunk_len, header.context_len):
+            raise container.FormatError("corrupted .bfn file (chunk settings differ from the model's)")
+        results = run_frames(_decode_job, frames, model_path, header.steps, header.bins, workers,
+                             progress, size=lambda f: f.raw_len)
+    else:
+        results = [f.payload for f in frames]
+        if progress:
+            progress(header.length)
+    out = []
+    for k, (res, crc) in enumerate(zip(results, crcs)):
+        if isinstance(res, Exception):
+            raise CorruptError(f"frame {k}: {res}")
+        if checksum(res) != crc:
+            raise CorruptError(f"checksum mismatch in frame {k}: corrupted file or wrong model")
+        out.append(res)
+    data = b"".join(out)
+    if len(data) != header.length or checksum(data) != header.crc:
+        raise CorruptError("checksum mismatch: corrupted file or wrong model")
+    return data

@@ -1,0 +1,206 @@
+"""Bits-back coding of a binary-variable BFN on one constriction ANS stack.
+
+Each variable is coded through its informative coordinate s = z_1 - z_0 (K = 2):
+
+    top      q(s_n | x)        = N(2 beta_n c, 4 beta_n),                   c = 2x - 1
+    bridge   q(s_{i-1} | s_i)  = N(s_i beta_{i-1}/beta_i, 4 beta_{i-1} alpha_i / beta_i)
+    receiver p(s_i | s_{i-1})  = sum_c w_c N(s_{i-1} + 2 alpha_i c, 4 alpha_i)
+    output   p(x | s_n)        = Bernoulli(p_O(x = 1 | theta_n, t = 1))
+
+(the flow, sender and receiver of sec. 6 in one coordinate). Each piece is a push/pop
+pair: `pop` is the exact inverse of `push` on the stack. The encoder of a chunk pops
+s_n, pushes x, then for i = n..2 pops s_{i-1} from the bridge and pushes s_i under the
+receiver, and finally pushes s_1; the decoder runs the exact reverse. Pushing under the
+receiver mixture is itself bits-back over the component c (pop c from its posterior,
+push s_i under component c, push c under w).
+
+Determinism: every number handed to constriction is a function of integers and of the
+network's output *after* `quantise_logit`, computed the same way on both sides. s_i
+lives on the integer grid s_i = S_i * grid_i; probabilities are rounded to 2^-20.
+"""
+import math
+
+import numpy as np
+import constriction
+
+_model = constriction.stream.model
+AnsCoder = constriction.stream.stack.AnsCoder
+
+LOGIT_STEP = 1.0 / 64      # network logits are rounded to this grid before use
+LOGIT_MAX = 16.0
+PROB_STEP = 2.0 ** -20     # every probability handed to the coder is a multiple of this
+POP_SIGMAS = 6.0           # pop ranges: +- this many standard deviations
+
+
+def quantise_logit(logit):
+    """Round float logits (any dtype) to the fixed grid: what both sides agree on."""
+    return np.clip(np.round(np.asarray(logit, np.float64) / LOGIT_STEP), -LOGIT_MAX / LOGIT_STEP,
+                   LOGIT_MAX / LOGIT_STEP) * LOGIT_STEP
+
+
+def prob_of_one(logit):
+    """sigmoid(logit) on the 2^-20 grid, never 0 or 1."""
+    p = 1.0 / (1.0 + np.exp(-logit))
+    return np.clip(np.round(p / PROB_STEP) * PROB_STEP, PROB_STEP, 1.0 - PROB_STEP)
+
+
+class Schedule:
+    """Steps, accuracies and integer grids for n steps (sec. 6.8); r grid bins per receiver sigma."""
+
+    def __init__(self, n, beta1, r=4.0):
+        self.n, self.beta1, self.r = n, float(beta1), float(r)
+        i = np.arange(n + 1)
+        self.beta = beta1 * (i / n) ** 2
+        self.alpha = np.concatenate([[0.0], beta1 * (2 * i[1:] - 1) / n ** 2])
+        self.grid = np.concatenate([[1.0], np.sqrt(4 * self.alpha[1:]) / r])
+        # Push ranges for the receiver: wide enough for any value the tight pops can give.
+        bound = np.zeros(n + 1)          # largest |s_i| reachable
+        bound[n] = 2 * self.beta[n] + POP_SIGMAS * math.sqrt(4 * self.beta[n]) + 2 * self.grid[n]
+        for k in range(n, 1, -1):
+            bound[k - 1] = (bound[k] * self.beta[k - 1] / self.beta[k] + POP_SIGMAS * self.bridge_std(k)
+                            + 2 * self.grid[k - 1])
+        self.push_range = np.zeros(n + 1, dtype=np.int64)
+        for k in range(1, n + 1):
+            widest = bound[k] + bound[k - 1] + 2 * self.alpha[k]
+            self.push_range[k] = int(math.ceil(widest / self.grid[k])) + 2
+
+    def t(self, i):
+        return i / self.n
+
+    def bridge_std(self, i):
+        return math.sqrt(4 * self.beta[i - 1] * self.alpha[i] / self.beta[i])
+
+
+# ---- elementary push/pop pairs ----
+
+def push_gaussian(coder, S, mean, std, half_range):
+    """Push integers S under N(mean, std^2) on unit bins, support round(mean) +- half_range."""
+    centre = np.round(mean)
+    coder.encode_reverse((S - centre).astype(np.int32), _model.QuantizedGaussian(-half_range, half_range),
+                         mean - centre, std)
+
+
+def pop_gaussian(coder, mean, std, half_range):
+    centre = np.round(mean)
+    S = coder.decode(_model.QuantizedGaussian(-half_range, half_range), mean - centre, std)
+    return S.astype(np.int64) + centre.astype(np.int64)
+
+
+def push_bits(coder, bits, p_one):
+    coder.encode_reverse(bits.astype(np.int32), _model.Bernoulli(perfect=False), p_one)
+
+
+def pop_bits(coder, p_one):
+    return coder.decode(_model.Bernoulli(perfect=False), p_one).astype(np.int64)
+
+
+def _pop_half_range(std):
+    return int(math.ceil(POP_SIGMAS * float(np.max(std)))) + 1
+
+
+# ---- BFN pieces: each a push/pop pair over integer states S ----
+
+def push_top(coder, sch, S_n, x):
+    mean, std = _top_params(sch, x)
+    push_gaussian(coder, S_n, mean, std, _pop_half_range(std))
+
+
+def pop_top(coder, sch, x):
+    """S_n ~ q(s_n | x): the Bayesian flow at t = 1 (sec. 6.4)."""
+    mean, std = _top_params(sch, x)
+    return pop_gaussian(coder, mean, std, _pop_half_range(std))
+
+
+def _top_params(sch, x):
+    n = sch.n
+    mean = 2 * sch.beta[n] * (2 * x - 1) / sch.grid[n]
+    std = np.full(len(x), math.sqrt(4 * sch.beta[n]) / sch.grid[n])
+    return mean, std
+
+
+def _bridge_params(sch, i, S_i):
+    mean = S_i * sch.grid[i] * (sch.beta[i - 1] / sch.beta[i]) / sch.grid[i - 1]
+    std = np.full(len(S_i), sch.bridge_std(i) / sch.grid[i - 1])
+    return mean, std
+
+
+def push_bridge(coder, sch, i, S_prev, S_i):
+    mean, std = _bridge_params(sch, i, S_i)
+    push_gaussian(coder, S_prev, mean, std, _pop_half_range(std))
+
+
+def pop_bridge(coder, sch, i, S_i):
+    """S_{i-1} ~ q(s_{i-1} | s_i): a Brownian bridge, independent of x."""
+    mean, std = _bridge_params(sch, i, S_i)
+    return pop_gaussian(coder, mean, std, _pop_half_range(std))
+
+
+def _component_params(sch, i, s_prev, c):
+    mean = (s_prev + 2 * sch.alpha[i] * (2 * c - 1)) / sch.grid[i]
+    return mean, np.full(len(s_prev), sch.r)
+
+
+def _posterior(logit, s_i, s_prev):
+    """P(c = 1 | s_i, s_{i-1}): the receiver's component log-odds plus u = s_i - s_{i-1}."""
+    return prob_of_one(logit + (s_i - s_prev))
+
+
+def push_receiver(coder, sch, i, S_i, s_prev, logit):
+    """Push S_i under p_R(s_i | s_{i-1}) with component log-odds `logit` (sec. 6.7), bits-back over c."""
+    s_i = S_i * sch.grid[i]
+    c = pop_bits(coder, _posterior(logit, s_i, s_prev))
+    mean, std = _component_params(sch, i, s_prev, c)
+    push_gaussian(coder, S_i, mean, std, int(sch.push_range[i]))
+    push_bits(coder, c, prob_of_one(logit))
+
+
+def pop_receiver(coder, sch, i, s_prev, logit):
+    c = pop_bits(coder, prob_of_one(logit))
+    mean, std = _component_params(sch, i, s_prev, c)
+    S_i = pop_gaussian(coder, mean, std, int(sch.push_range[i]))
+    push_bits(coder, c, _posterior(logit, S_i * sch.grid[i], s_prev))
+    return S_i
+
+
+# ---- a chunk: the whole n-step transmission ----
+
+def kl_bits(logit, x, acc):
+    """Expected bits of one step given this step's receiver (quadrature, as bfn.step_kl_binary)."""
+    from .bfn import _GH_NODES, _GH_WEIGHTS
+    log_w = -np.logaddexp(0.0, -np.where(x == 1, logit, -logit))
+    log_not = -np.logaddexp(0.0, np.where(x == 1, logit, -logit))
+    other = log_not[:, None] - 2 * acc - 2 * math.sqrt(acc) * _GH_NODES[None, :]
+    return float(-(np.logaddexp(log_w[:, None], other) @ _GH_WEIGHTS).sum() / math.log(2))
+
+
+def encode_chunk(coder, sch, x, predict, stats=None):
+    """Push the binary variables x (D,) onto the stack. predict(s, t) -> quantised logits (D,)."""
+    n = sch.n
+    S = pop_top(coder, sch, x)
+    logit = predict(S * sch.grid[n], 1.0)
+    push_bits(coder, x, prob_of_one(logit))
+    if stats is not None:
+        stats["model_bits"] += float(np.logaddexp(0.0, -np.where(x == 1, logit, -logit)).sum() / math.log(2))
+    for i in range(n, 0, -1):
+        S_prev = pop_bridge(coder, sch, i, S) if i > 1 else np.zeros_like(S)
+        s_prev = S_prev * sch.grid[i - 1] if i > 1 else np.zeros(len(S))
+        logit = predict(s_prev, sch.t(i - 1))
+        push_receiver(coder, sch, i, S, s_prev, logit)
+        if stats is not None:
+            stats["model_bits"] += kl_bits(logit, x, sch.alpha[i])
+        S = S_prev
+
+
+def decode_chunk(coder, sch, D, predict):
+    """Pop D binary variables: the exact reverse of encode_chunk."""
+    n = sch.n
+    S_prev, s_prev = None, np.zeros(D)
+    for i in range(1, n + 1):
+        logit = predict(s_prev, sch.t(i - 1))
+        S = pop_receiver(coder, sch, i, s_prev, logit)
+        if i > 1:
+            push_bridge(coder, sch, i, S_prev, S)
+        S_prev, s_prev = S, S * sch.grid[i]
+    x = pop_bits(coder, prob_of_one(predict(s_prev, 1.0)))
+    push_top(coder, sch, S_prev, x)
+    return x

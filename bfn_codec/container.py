@@ -1,0 +1,102 @@
+"""The .bfn file format (version 1). All integers little-endian.
+
+    magic      4  b"BFN\\x1a"
+    version    1
+    model     16  fingerprint of the model (ASCII hex), see model.fingerprint
+    steps      2  n, the number of BFN steps
+    bins       1  grid bins per receiver standard deviation
+    chunk      2  chunk length in bytes      } copied from the model's config,
+    context    2  clean context in bytes     } checked against it on decoding
+    frame      4  frame size in bytes
+    length     8  original length in bytes
+    crc        4  zlib.crc32 of the original
+    frames     4  number of frames
+    per frame: method 1 (0 stored, 1 bfn), raw length 4, seed prefix 4, payload length 4, crc32 of the frame's bytes 4
+    header_crc 4  zlib.crc32 of everything above
+    payloads      the frames' payloads, in order; nothing may follow
+"""
+import dataclasses
+import struct
+import zlib
+
+
+MAGIC = b"BFN\x1a"
+VERSION = 1
+_HEAD = struct.Struct("<4sB16sHBHHIQII")
+_FRAME = struct.Struct("<BIIII")
+_CRC = struct.Struct("<I")
+
+
+class FormatError(ValueError):
+    """Not a .bfn file, or a damaged one; the message says which, in one line."""
+
+
+class CorruptError(FormatError):
+    """The stream cannot be decoded to the bytes it was made from."""
+
+
+STORED, BFN = 0, 1
+
+
+@dataclasses.dataclass
+class Frame:
+    method: int               # STORED or BFN
+    raw_len: int
+    seed_prefix: int          # seed words below the stored payload (BFN frames)
+    payload: bytes
+    model_bits: float = 0.0   # the model's expected code length for this frame (encoder only)
+
+
+@dataclasses.dataclass
+class Header:
+    model: str
+    steps: int
+    bins: int
+    chunk_len: int
+    context_len: int
+    frame_size: int
+    length: int
+    crc: int
+
+
+def pack(header, frames, frame_crcs):
+    head = _HEAD.pack(MAGIC, VERSION, header.model.encode("ascii"), header.steps, header.bins,
+                      header.chunk_len, header.context_len, header.frame_size, header.length,
+                      header.crc, len(frames))
+    head += b"".join(_FRAME.pack(f.method, f.raw_len, f.seed_prefix, len(f.payload), c)
+                     for f, c in zip(frames, frame_crcs))
+    return head + _CRC.pack(zlib.crc32(head)) + b"".join(f.payload for f in frames)
+
+
+def unpack(blob):
+    """bytes -> (Header, [Frame], [frame crc]); raises FormatError with a one-line reason."""
+    if len(blob) < 4 or blob[:4] != MAGIC:
+        raise FormatError("not a .bfn file (bad magic bytes)")
+    if len(blob) < _HEAD.size:
+        raise FormatError("truncated .bfn file (header)")
+    magic, version, model, steps, bins, chunk, context, frame_size, length, crc, n_frames = \
+        _HEAD.unpack_from(blob)
+    if version != VERSION:
+        raise FormatError(f"unsupported .bfn format version {version} (this program reads version {VERSION})")
+    table_end = _HEAD.size + n_frames * _FRAME.size
+    if len(blob) < table_end + _CRC.size:
+        raise FormatError("truncated .bfn file (frame table)")
+    if _CRC.unpack_from(blob, table_end)[0] != zlib.crc32(blob[:table_end]):
+        raise FormatError("corrupted .bfn file (header checksum mismatch)")
+    try:
+        header = Header(model.decode("ascii"), steps, bins, chunk, context, frame_size, length, crc)
+    except UnicodeDecodeError:
+        raise FormatError("corrupted .bfn file (model fingerprint)") from None
+    frames, crcs, pos = [], [], table_end + _CRC.size
+    for k in range(n_frames):
+        method, raw_len, prefix, size, fcrc = _FRAME.unpack_from(blob, _HEAD.size + k * _FRAME.size)
+        if pos + size > len(blob):
+            raise FormatError("truncated .bfn file (frame data)")
+        frames.append(Frame(method, raw_len, prefix, blob[pos:pos + size]))
+        crcs.append(fcrc)
+        pos += size
+    if pos != len(blob):
+        raise FormatError("corrupted .bfn file (trailing data after the last frame)")
+    if sum(f.raw_len for f in frames) != length or any(f.method not in (0, 1) for f in frames):
+        raise FormatError("corrupted .bfn file (frame table)")
+    return header, frames, crcs
