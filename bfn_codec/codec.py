@@ -83,11 +83,16 @@ def decode_frame(frame, predictor, sch, progress=None):
         raise CorruptError("corrupted frame")
     stack = bb.AnsCoder(words.astype(np.uint32))
     out = np.zeros(frame.raw_len, dtype=np.uint8)
-    for a, b in chunk_bounds(frame.raw_len, predictor.cfg.chunk_len):
-        bits = bb.decode_chunk(stack, sch, 8 * (b - a), predictor.for_chunk(out[:a], b - a))
-        out[a:b] = np.packbits(bits.astype(np.uint8))
-        if progress:
-            progress(b - a)
+    try:
+        for a, b in chunk_bounds(frame.raw_len, predictor.cfg.chunk_len):
+            bits = bb.decode_chunk(stack, sch, 8 * (b - a), predictor.for_chunk(out[:a], b - a))
+            out[a:b] = np.packbits(bits.astype(np.uint8))
+            if progress:
+                progress(b - a)
+    except BaseException as e:     # the coder refuses impossible symbols: a damaged stream
+        if isinstance(e, (KeyboardInterrupt, SystemExit, MemoryError)):
+            raise
+        raise CorruptError("corrupted data or wrong model: the stream cannot be decoded") from None
     if not np.array_equal(stack.get_compressed(), seed):
         raise CorruptError("corrupted data or wrong model: the stream did not end on its seed")
     return out.tobytes()

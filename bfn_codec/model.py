@@ -180,3 +180,18 @@ def load_weights(path, dtype=torch.float64):
         raise ModelError(f"{path}: not a bfn-codec weights file ({type(e).__name__})") from None
     model.to(dtype).eval()
     return model, fingerprint(blob["config"], blob["state"]), blob.get("extra", {})
+
+
+@torch.no_grad()
+def generate(model, length, steps, generator=None, prompt=b""):
+    """Bytes from n-step sampling (bfn.sample), chunk by chunk, each seeing the bytes before it."""
+    from . import bfn
+    cfg = model.cfg
+    out = torch.tensor(list(prompt), dtype=torch.long)
+    while len(out) < len(prompt) + length:
+        ctx = out[max(0, len(out) - cfg.context_len):] if cfg.context_len else out[:0]
+        cache = model.context(ctx[None]) if len(ctx) else None
+        net = lambda z, t: model(z[:, None].to(model.head.weight.dtype), t[:, None].to(model.head.weight.dtype), cache)[:, 0]
+        chunk = bfn.sample(net, (1, cfg.chunk_len, cfg.V), steps, cfg.beta1, cfg.K, generator)
+        out = torch.cat([out, to_symbols(chunk[0], cfg)])
+    return bytes(out[len(prompt):len(prompt) + length].tolist())

@@ -27,6 +27,7 @@ class TrainConfig:
     code_fraction: float = 0.0     # share of sequences drawn from code.txt.xz
     loss: str = "continuous"       # "continuous" (L^inf) or "discrete" (L^n at n_steps, + L^r)
     n_steps: int = 10              # n for the discrete loss and for validation
+    aux_ce: float = 0.0            # weight of an extra cross-entropy of p_O at t = 0 (context only)
     batch_size: int = 32
     lr: float = 1e-3
     warmup: int = 200
@@ -37,6 +38,7 @@ class TrainConfig:
     eval_minutes: float = 2.0
     ckpt_minutes: float = 3.0
     val_bytes: int = 32768
+    val_offset: int = 200_000      # the validation slice: valid.txt.xz[val_offset : val_offset + val_bytes]
     seed: int = 0
     threads: int = 0               # 0: torch default
     bf16: bool = True
@@ -82,6 +84,9 @@ def loss_per_byte(net, x, tcfg, generator, t=None, step=None):
         rec = -log_p.float().gather(-1, v.unsqueeze(-1)).squeeze(-1)
         per_var = torch.where((step > n)[..., None, None], rec, kl)
         loss = (n + 1) * per_var.flatten(1).sum(1)
+    if tcfg.aux_ce:
+        zeros = torch.zeros(v.shape + (cfg.K,))
+        loss = loss + tcfg.aux_ce * bfn.reconstruction_loss(net(zeros, torch.zeros(B, C), cache), v)
     return loss.mean() / (C * cfg.chunk_len)
 
 
@@ -153,7 +158,8 @@ class Trainer:
         d = Path(self.tcfg.data_dir)
         self.train_data = read_text(d / "train.txt.xz")
         self.code_data = read_text(d / "code.txt.xz") if self.tcfg.code_fraction > 0 else None
-        self.val_data = read_text(d / "valid.txt.xz", 200_000 + self.tcfg.val_bytes)[200_000:]
+        off = self.tcfg.val_offset
+        self.val_data = read_text(d / "valid.txt.xz", off + self.tcfg.val_bytes)[off:]
 
     def batch(self):
         S = self.mcfg.context_len + self.mcfg.chunk_len

@@ -7,7 +7,7 @@ import pytest
 from bfn_codec.model import ModelConfig, save_weights
 from bfn_codec.train import TrainConfig, Trainer
 
-TINY = ModelConfig(d_model=32, n_layers=1, n_heads=2, chunk_len=16, context_len=32, beta1=3.0)
+TINY = ModelConfig(d_model=64, n_layers=2, n_heads=4, chunk_len=16, context_len=32, beta1=3.0)
 TEXT = (b"The quick brown fox jumps over the lazy dog. " * 40 + b"Pack my box with five dozen liquor jugs!\n") * 30
 
 
@@ -21,7 +21,7 @@ def make_corpus(folder):
 
 def tiny_train_config(data_dir, **kw):
     base = dict(data_dir=str(data_dir), batch_size=16, lr=3e-3, warmup=20, minutes=5, max_steps=300,
-                eval_minutes=100, ckpt_minutes=100, val_bytes=4096, threads=1, ema=0.9)
+                eval_minutes=100, ckpt_minutes=100, val_bytes=4096, val_offset=0, threads=1, ema=0.9)
     base.update(kw)
     return TrainConfig(**base)
 

@@ -1,0 +1,208 @@
+"""The commands, run as a user would: separate processes, real files, every error path."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from bfn_codec import codec, container
+
+from conftest import TEXT
+
+
+def run(*args, stdin=None, env=None, cwd=None):
+    script = {"bfn-compress": "compress_cmd", "bfn-decompress": "decompress_cmd"}[args[0]]
+    argv = [sys.executable, "-c", f"import sys; from bfn_codec.cli import {script} as m; sys.exit(m())", *args[1:]]
+    return subprocess.run(argv, input=stdin, capture_output=True, env={**os.environ, **(env or {})}, cwd=cwd,
+                          timeout=600)
+
+
+CASES = {
+    "empty": b"",
+    "one": b"x",
+    "all_bytes": bytes(range(256)) * 3,
+    "random": np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8).tobytes(),
+    "run": b"a" * 5000,
+    "utf8": "Grüße, naïve café — 東京 ✓ ".encode() * 60,
+    "frames": TEXT[:5000],
+}
+
+
+@pytest.fixture(scope="module")
+def compressed(tmp_path_factory, tiny_model):
+    folder = tmp_path_factory.mktemp("cli")
+    for name, data in CASES.items():
+        (folder / name).write_bytes(data)
+    r = run("bfn-compress", "-q", "-T", "1", "--frame-size", "1536", "--model", str(tiny_model),
+            *[str(folder / n) for n in CASES])
+    assert r.returncode == 0, r.stderr
+    return folder
+
+
+def test_round_trips_through_fresh_processes(compressed, tiny_model):
+    out = compressed / "out"
+    out.mkdir()
+    for name in CASES:
+        os.replace(compressed / (name + ".bfn"), out / (name + ".bfn"))
+    r = run("bfn-decompress", "-T", "2", "--model", str(tiny_model), *[str(out / (n + ".bfn")) for n in CASES])
+    assert r.returncode == 0, r.stderr
+    for name, data in CASES.items():
+        assert (out / name).read_bytes() == data, name
+        assert (compressed / name).read_bytes() == data          # inputs are kept
+    header, frames, _ = container.unpack((out / "frames.bfn").read_bytes())
+    assert len(frames) == 4 and all(f.method == container.BFN for f in frames)   # several bits-back frames
+    assert len((out / "frames.bfn").read_bytes()) < 0.85 * 5000
+    # incompressible input is stored, and grows by no more than the header
+    assert len((out / "random.bfn").read_bytes()) < 3000 + 200
+
+
+def test_worker_and_thread_counts_do_not_change_the_stream(tmp_path, tiny_model):
+    src = tmp_path / "t.txt"
+    src.write_bytes(TEXT[:4000])
+    blobs = []
+    for k, (threads, workers) in enumerate([("1", "1"), ("2", "2"), ("3", "1")]):
+        r = run("bfn-compress", "-q", "-c", "-f", "-T", workers, "--frame-size", "2000", "--model", str(tiny_model),
+                str(src), env={"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads})
+        assert r.returncode == 0, r.stderr
+        blobs.append(r.stdout)
+    assert blobs[0] == blobs[1] == blobs[2]
+    r = run("bfn-decompress", "-c", "-T", "1", "--model", str(tiny_model), stdin=blobs[0],
+            env={"OMP_NUM_THREADS": "2"})
+    assert r.returncode == 0 and r.stdout == TEXT[:4000]
+
+
+def test_tiny_perturbation_of_the_network_does_not_change_the_stream(tiny_model, monkeypatch):
+    data = TEXT[:2000]
+    reference, _ = codec.compress(data, str(tiny_model))
+    real = codec.Predictor.for_chunk
+
+    def perturbed(self, context, length):
+        inner = real(self, context, length)
+        return lambda s, t: bb_quantise_perturbed(inner, s, t)
+
+    from bfn_codec import coder as bb
+    calls = []
+
+    def bb_quantise_perturbed(inner, s, t):
+        calls.append(1)
+        return inner(s * (1 + 1e-12), t)
+
+    monkeypatch.setattr(codec.Predictor, "for_chunk", perturbed)
+    blob, _ = codec.compress(data, str(tiny_model))
+    assert calls and blob == reference
+    # a larger change does change it: the test can fail
+    monkeypatch.setattr(codec.Predictor, "for_chunk",
+                        lambda self, c, n: (lambda s, t, inner=real(self, c, n): bb.quantise_logit(inner(s, t) + 0.05)))
+    assert codec.compress(data, str(tiny_model))[0] != reference
+
+
+def test_stdin_stdout_and_test_mode(tmp_path, tiny_model):
+    r = run("bfn-compress", "-q", "--model", str(tiny_model), stdin=TEXT[:3000])
+    assert r.returncode == 0 and r.stdout[:4] == container.MAGIC
+    (tmp_path / "x.bfn").write_bytes(r.stdout)
+    t = run("bfn-compress", "-t", "--model", str(tiny_model), str(tmp_path / "x.bfn"))
+    assert t.returncode == 0 and b"OK" in t.stderr
+    assert sorted(os.listdir(tmp_path)) == ["x.bfn"]
+    d = run("bfn-compress", "-d", "-c", "--model", str(tiny_model), "-", stdin=r.stdout)
+    assert d.returncode == 0 and d.stdout == TEXT[:3000]
+
+
+def test_verbose_reports_model_loss_and_overhead(tmp_path, tiny_model):
+    src = tmp_path / "v.txt"
+    src.write_bytes(TEXT[:6000])
+    r = run("bfn-compress", "-v", "--model", str(tiny_model), str(src))
+    assert r.returncode == 0
+    line = r.stderr.decode()
+    assert "bits/byte" in line and "model" in line and "overhead" in line and "KB/s" in line
+
+
+def expect_error(r, text, folder=None, allowed=()):
+    assert r.returncode == 1, r
+    msg = r.stderr.decode().strip()
+    assert len(msg.splitlines()) == 1 and text in msg, msg
+    if folder is not None:
+        assert sorted(os.listdir(folder)) == sorted(allowed), os.listdir(folder)
+
+
+def test_error_paths(tmp_path, tiny_model, corpus):
+    m = ["--model", str(tiny_model)]
+    src = tmp_path / "a.txt"
+    src.write_bytes(TEXT[:3000])
+    expect_error(run("bfn-compress", *m, str(tmp_path / "missing.txt")), "no such file")
+    assert run("bfn-compress", "-q", *m, str(src)).returncode == 0
+    good = (tmp_path / "a.txt.bfn").read_bytes()
+    before = good
+    expect_error(run("bfn-compress", *m, str(src)), "already exists")
+    assert (tmp_path / "a.txt.bfn").read_bytes() == before
+    expect_error(run("bfn-decompress", *m, str(tmp_path / "a.txt.bfn")), "already exists")
+    (tmp_path / "plain.bfn").write_bytes(b"hello, not a bfn file")
+    expect_error(run("bfn-decompress", *m, str(tmp_path / "plain.bfn")), "not a .bfn file")
+    expect_error(run("bfn-decompress", *m, str(src)), "unknown suffix")
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    cases = {}
+    for cut in (3, 20, 60, len(good) // 2, len(good) - 1):
+        cases[f"trunc{cut}"] = good[:cut]
+    for pos in (0, 10, 30, 70, len(good) // 2, len(good) - 3):
+        flipped = bytearray(good)
+        flipped[pos] ^= 0x10
+        cases[f"flip{pos}"] = bytes(flipped)
+    newer = bytearray(good)
+    newer[4] = 99
+    cases["version"] = bytes(newer)
+    for name, blob in cases.items():
+        (bad / (name + ".bfn")).write_bytes(blob)
+        r = run("bfn-decompress", *m, str(bad / (name + ".bfn")))
+        assert r.returncode == 1, name
+        assert len(r.stderr.decode().strip().splitlines()) == 1, (name, r.stderr)
+        assert not (bad / name).exists(), name
+    expect_error(run("bfn-decompress", *m, str(bad / "version.bfn")), "unsupported")
+
+    # a file made with another model: the message names the model it needs
+    from bfn_codec.model import load_weights, save_weights
+    import torch
+    other, _, _ = load_weights(tiny_model, dtype=torch.float32)
+    with torch.no_grad():
+        other.head.bias += 0.01
+    save_weights(tmp_path / "other.pt", other)
+    fp = container.unpack(good)[0].model
+    os.replace(tmp_path / "a.txt.bfn", bad / "a.txt.bfn")
+    expect_error(run("bfn-decompress", "--model", str(tmp_path / "other.pt"), str(bad / "a.txt.bfn")), fp)
+    assert not (bad / "a.txt").exists()
+    expect_error(run("bfn-compress", "--model", str(tmp_path / "nope.pt"), str(src)), "no model")
+
+
+def test_interrupt_leaves_no_partial_output(tmp_path, tiny_model):
+    src = tmp_path / "big.txt"
+    src.write_bytes(TEXT * 3)
+    argv = [sys.executable, "-c", "import sys; from bfn_codec.cli import compress_cmd as m; sys.exit(m())",
+            "-q", "-T", "1", "--model", str(tiny_model), str(src)]
+    p = subprocess.Popen(argv, stderr=subprocess.PIPE)
+    time.sleep(6)
+    p.send_signal(signal.SIGINT)
+    p.wait(timeout=60)
+    assert p.returncode != 0
+    assert sorted(os.listdir(tmp_path)) == ["big.txt"]
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.binary(max_size=300) | st.text(max_size=200).map(str.encode))
+def test_any_bytes_round_trip(tiny_model, data):
+    blob, _ = codec.compress(data, str(tiny_model), frame_size=128)
+    assert codec.decompress(blob, str(tiny_model)) == data
+
+
+def test_bits_back_frames_round_trip_in_process(tiny_model):
+    """Force the bits-back path even where storing would win, on awkward inputs."""
+    model, _, _ = codec.load_weights(tiny_model)
+    pred = codec.Predictor(model)
+    sch = codec.bb.Schedule(6, model.cfg.beta1, 4)
+    for data in [b"\x00", bytes(range(256)), b"\xff" * 40, CASES["utf8"][:100]]:
+        frame = codec.encode_frame(data, pred, sch, allow_stored=False)
+        assert frame.method == container.BFN
+        assert codec.decode_frame(frame, pred, sch) == data
