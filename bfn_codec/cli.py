@@ -156,20 +156,25 @@ def _compress_one(src, dst, opts):
         raise Fail(f"{dst}: already exists; not overwritten (use -f)")
     t0 = time.time()
     with _progress(len(data), os.path.basename(src) if src != "-" else "stdin", opts["quiet"]) as bar:
-        blob, model_bits = codec.compress(data, opts["model"], opts["steps"], frame_size=opts["frame_size"],
-                                          workers=opts["threads"], progress=bar.update if bar else None)
+        blob, stats = codec.compress(data, opts["model"], opts["steps"], frame_size=opts["frame_size"],
+                                     workers=opts["threads"], progress=bar.update if bar else None)
     seconds = time.time() - t0
     _write(dst, blob, opts["force"], _mode_of(src))
     if opts["verbose"]:
-        n = max(len(data), 1)
-        bfn_bytes = model_bits / 8
-        line = (f"{src} : {len(data)} -> {len(blob)} bytes ({100 * len(blob) / n:.2f}%), "
-                f"{8 * len(blob) / n:.4f} bits/byte")
-        if model_bits:
-            line += (f"; model {8 * bfn_bytes / n:.4f} bits/byte ({bfn_bytes:.0f} bytes), "
-                     f"overhead {len(blob) - bfn_bytes:+.0f} bytes ({100 * (len(blob) / bfn_bytes - 1):+.2f}%)")
-        line += f"; {len(data) / 1024 / max(seconds, 1e-9):.2f} KB/s"
-        click.echo(line, err=True)
+        click.echo(_report(src, len(data), len(blob), stats, seconds), err=True)
+
+
+def _report(src, size, out_size, stats, seconds):
+    """One line: sizes, bits per byte, the model's expected size, and what the coder added to it."""
+    n = max(size, 1)
+    line = f"{src} : {size} -> {out_size} bytes ({100 * out_size / n:.2f}%), {8 * out_size / n:.4f} bits/byte"
+    if stats["model_bits"]:
+        model = stats["model_bits"] / 8 + stats["stored_bytes"]
+        coder = 100 * (stats["coded_bits"] / stats["model_bits"] - 1)
+        fixed = out_size - stats["coded_bits"] / 8 - stats["stored_bytes"]
+        line += (f"; model {8 * model / n:.4f} bits/byte ({model:.0f} bytes), overhead {out_size - model:+.0f} bytes: "
+                 f"coder {coder:+.2f}%, fixed {fixed:.0f} bytes (header and initial bits)")
+    return line + f"; {size / 1024 / max(seconds, 1e-9):.2f} KB/s"
 
 
 def _decompress_one(src, dst, opts, test):

@@ -7,6 +7,7 @@ network sees the clean bytes before it. The stack starts on a fixed pseudo-rando
 known to both sides; the encoder stores only the part of the final stack that differs
 from the seed's untouched bottom, and the decoder checks that it ends on the seed.
 """
+import math
 import os
 import zlib
 
@@ -51,25 +52,33 @@ def chunk_bounds(n_bytes, chunk_len):
     return [(a, min(a + chunk_len, n_bytes)) for a in range(0, n_bytes, chunk_len)]
 
 
+def information_bits(stack):
+    """Exact information content of an ANS stack, in bits."""
+    words, state = stack.pos()
+    return 32 * words + (math.log2(state) if state else 0.0)
+
+
 def encode_frame(data, predictor, sch, allow_stored=True, progress=None):
     """bytes -> Frame: bits-back coded, or stored when that is not smaller."""
     stats = {"model_bits": 0.0}
     if len(data):
         stack = bb.AnsCoder(seed_words())
+        start = information_bits(stack)
         arr = np.frombuffer(data, dtype=np.uint8)
         for a, b in reversed(chunk_bounds(len(arr), predictor.cfg.chunk_len)):
             bits = np.unpackbits(arr[a:b]).astype(np.int64)
             bb.encode_chunk(stack, sch, bits, predictor.for_chunk(arr[:a], b - a), stats)
             if progress:
                 progress(b - a)
+        coded_bits = information_bits(stack) - start
         words = stack.get_compressed()
         seed = seed_words()
         m = min(len(words), len(seed))
         prefix = int(np.argmin(words[:m] == seed[:m])) if not np.array_equal(words[:m], seed[:m]) else m
         payload = words[prefix:].astype("<u4").tobytes()
         if len(payload) < len(data) or not allow_stored:
-            return Frame(BFN, len(data), prefix, payload, stats["model_bits"])
-    return Frame(STORED, len(data), 0, bytes(data), stats["model_bits"])
+            return Frame(BFN, len(data), prefix, payload, stats["model_bits"], coded_bits)
+    return Frame(STORED, len(data), 0, bytes(data))
 
 
 def decode_frame(frame, predictor, sch, progress=None):
@@ -104,9 +113,13 @@ _worker = {}
 
 
 def _init_worker(model_path, steps, bins):
+    """Load the model for coding (once per process and setting); torch runs on one thread."""
     torch.set_num_threads(1)
-    model, fp, _ = load_weights(model_path)
-    _worker.update(predictor=Predictor(model), sch=bb.Schedule(steps, model.cfg.beta1, bins), fp=fp)
+    if _worker.get("key") != (model_path, steps, bins):
+        model, fp, _ = load_weights(model_path)
+        _worker.update(key=(model_path, steps, bins), predictor=Predictor(model),
+                       sch=bb.Schedule(steps, model.cfg.beta1, bins), fp=fp)
+    return _worker
 
 
 def _encode_job(data, progress=None):
@@ -161,15 +174,21 @@ FRAME_SIZE = 1 << 20
 
 def compress(data, model_path=None, steps=DEFAULT_STEPS, bins=DEFAULT_BINS, frame_size=FRAME_SIZE,
              workers=1, progress=None):
-    """bytes -> (.bfn bytes, the model's expected code length in bits for the coded frames)."""
+    """bytes -> (.bfn bytes, stats). stats, over the frames coded with the BFN: `model_bits` (the
+    model's expected code length on the coded trajectories), `coded_bits` (what the ANS stack
+    grew by) and `bfn_bytes` (their input size); `stored_bytes` went in raw."""
     model_path = model_path or DEFAULT_MODEL
-    model, fp, _ = load_weights(model_path)
+    loaded = _init_worker(model_path, steps, bins)
+    cfg = loaded["predictor"].cfg
     parts = split_frames(bytes(data), frame_size)
     frames = run_frames(_encode_job, parts, model_path, steps, bins, workers, progress)
-    header = container.Header(fp, steps, bins, model.cfg.chunk_len, model.cfg.context_len, frame_size,
+    header = container.Header(loaded["fp"], steps, bins, cfg.chunk_len, cfg.context_len, frame_size,
                               len(data), checksum(data))
     blob = container.pack(header, frames, [checksum(p) for p in parts])
-    return blob, sum(f.model_bits for f in frames if f.method == BFN)
+    coded = [f for f in frames if f.method == BFN]
+    return blob, {"model_bits": sum(f.model_bits for f in coded), "coded_bits": sum(f.coded_bits for f in coded),
+                  "bfn_bytes": sum(f.raw_len for f in coded),
+                  "stored_bytes": sum(f.raw_len for f in frames if f.method == STORED)}
 
 
 def decompress(blob, model_path=None, workers=1, progress=None):
@@ -177,11 +196,12 @@ def decompress(blob, model_path=None, workers=1, progress=None):
     header, frames, crcs = container.unpack(blob)
     if any(f.method == BFN for f in frames):
         model_path = model_path or DEFAULT_MODEL
-        model, fp, _ = load_weights(model_path)
-        if fp != header.model:
-            raise container.FormatError(f"this file needs model {header.model}, but the model given is {fp} "
-                                        f"({model_path}); pass the right one with --model")
-        if (model.cfg.chunk_len, model.cfg.context_len) != (header.chunk_len, header.context_len):
+        loaded = _init_worker(model_path, header.steps, header.bins)
+        cfg = loaded["predictor"].cfg
+        if loaded["fp"] != header.model:
+            raise container.FormatError(f"this file needs model {header.model}, but the model given is "
+                                        f"{loaded['fp']} ({model_path}); pass the right one with --model")
+        if (cfg.chunk_len, cfg.context_len) != (header.chunk_len, header.context_len):
             raise container.FormatError("corrupted .bfn file (chunk settings differ from the model's)")
         results = run_frames(_decode_job, frames, model_path, header.steps, header.bins, workers,
                              progress, size=lambda f: f.raw_len)

@@ -44,7 +44,8 @@ class Frame:
     raw_len: int
     seed_prefix: int          # seed words below the stored payload (BFN frames)
     payload: bytes
-    model_bits: float = 0.0   # the model's expected code length for this frame (encoder only)
+    model_bits: float = 0.0   # encoder only: the model's expected code length of this frame
+    coded_bits: float = 0.0   # encoder only: what the ANS stack grew by
 
 
 @dataclasses.dataclass

@@ -1,0 +1,1 @@
+"""Benchmark bfn-codec against standard compressors: `python -m benchmarks.run FILES_OR_DIRS`."""
