@@ -169,9 +169,9 @@ def _report(src, size, out_size, stats, seconds):
     n = max(size, 1)
     line = f"{src} : {size} -> {out_size} bytes ({100 * out_size / n:.2f}%), {8 * out_size / n:.4f} bits/byte"
     if stats["model_bits"]:
-        model = stats["model_bits"] / 8 + stats["stored_bytes"]
+        model = stats["model_bits"] / 8 + stats["other_bytes"]
         coder = 100 * (stats["coded_bits"] / stats["model_bits"] - 1)
-        fixed = out_size - stats["coded_bits"] / 8 - stats["stored_bytes"]
+        fixed = out_size - stats["coded_bits"] / 8 - stats["other_bytes"]
         line += (f"; model {8 * model / n:.4f} bits/byte ({model:.0f} bytes), overhead {out_size - model:+.0f} bytes: "
                  f"coder {coder:+.2f}%, fixed {fixed:.0f} bytes (header and initial bits)")
     return line + f"; {size / 1024 / max(seconds, 1e-9):.2f} KB/s"

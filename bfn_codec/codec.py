@@ -7,6 +7,7 @@ network sees the clean bytes before it. The stack starts on a fixed pseudo-rando
 known to both sides; the encoder stores only the part of the final stack that differs
 from the seed's untouched bottom, and the decoder checks that it ends on the seed.
 """
+import lzma
 import math
 import os
 import zlib
@@ -16,7 +17,7 @@ import torch
 
 from . import coder as bb
 from . import container
-from .container import BFN, STORED, CorruptError, Frame
+from .container import BFN, LZMA, STORED, CorruptError, Frame
 from .model import load_weights
 
 SEED_WORDS = 1 << 14
@@ -59,7 +60,7 @@ def information_bits(stack):
 
 
 def encode_frame(data, predictor, sch, allow_stored=True, progress=None):
-    """bytes -> Frame: bits-back coded, or stored when that is not smaller."""
+    """bytes -> Frame: bits-back coded, or xz or stored where that is smaller."""
     stats = {"model_bits": 0.0}
     if len(data):
         stack = bb.AnsCoder(seed_words())
@@ -76,14 +77,22 @@ def encode_frame(data, predictor, sch, allow_stored=True, progress=None):
         m = min(len(words), len(seed))
         prefix = int(np.argmin(words[:m] == seed[:m])) if not np.array_equal(words[:m], seed[:m]) else m
         payload = words[prefix:].astype("<u4").tobytes()
-        if len(payload) < len(data) or not allow_stored:
+        if not allow_stored:
             return Frame(BFN, len(data), prefix, payload, stats["model_bits"], coded_bits)
-    return Frame(STORED, len(data), 0, bytes(data))
+        return min([Frame(BFN, len(data), prefix, payload, stats["model_bits"], coded_bits),
+                    Frame(LZMA, len(data), 0, lzma.compress(data, preset=9 | lzma.PRESET_EXTREME)),
+                    Frame(STORED, len(data), 0, bytes(data))], key=lambda f: len(f.payload))
+    return Frame(STORED, 0, 0, b"")
 
 
 def decode_frame(frame, predictor, sch, progress=None):
     if frame.method == STORED:
         return frame.payload
+    if frame.method == LZMA:
+        try:
+            return lzma.decompress(frame.payload)
+        except lzma.LZMAError:
+            raise CorruptError("corrupted xz frame") from None
     seed = seed_words()
     if len(frame.payload) % 4 or frame.seed_prefix > len(seed):
         raise CorruptError("corrupted frame")
@@ -174,9 +183,10 @@ FRAME_SIZE = 1 << 20
 
 def compress(data, model_path=None, steps=DEFAULT_STEPS, bins=DEFAULT_BINS, frame_size=FRAME_SIZE,
              workers=1, progress=None):
-    """bytes -> (.bfn bytes, stats). stats, over the frames coded with the BFN: `model_bits` (the
-    model's expected code length on the coded trajectories), `coded_bits` (what the ANS stack
-    grew by) and `bfn_bytes` (their input size); `stored_bytes` went in raw."""
+    """bytes -> (.bfn bytes, stats). Over the frames coded with the BFN, stats has `model_bits`
+    (the model's expected code length on the coded trajectories), `coded_bits` (what the ANS
+    stack grew by) and `bfn_bytes` (their input size); `other_bytes` is the payload of the
+    frames stored raw or as xz."""
     model_path = model_path or DEFAULT_MODEL
     loaded = _init_worker(model_path, steps, bins)
     cfg = loaded["predictor"].cfg
@@ -188,7 +198,7 @@ def compress(data, model_path=None, steps=DEFAULT_STEPS, bins=DEFAULT_BINS, fram
     coded = [f for f in frames if f.method == BFN]
     return blob, {"model_bits": sum(f.model_bits for f in coded), "coded_bits": sum(f.coded_bits for f in coded),
                   "bfn_bytes": sum(f.raw_len for f in coded),
-                  "stored_bytes": sum(f.raw_len for f in frames if f.method == STORED)}
+                  "other_bytes": sum(len(f.payload) for f in frames if f.method != BFN)}
 
 
 def decompress(blob, model_path=None, workers=1, progress=None):
@@ -206,7 +216,7 @@ def decompress(blob, model_path=None, workers=1, progress=None):
         results = run_frames(_decode_job, frames, model_path, header.steps, header.bins, workers,
                              progress, size=lambda f: f.raw_len)
     else:
-        results = [f.payload for f in frames]
+        results = [decode_frame(f, None, None) for f in frames]
         if progress:
             progress(header.length)
     out = []

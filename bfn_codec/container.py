@@ -11,7 +11,7 @@
     length     8  original length in bytes
     crc        4  zlib.crc32 of the original
     frames     4  number of frames
-    per frame: method 1 (0 stored, 1 bfn), raw length 4, seed prefix 4, payload length 4, crc32 of the frame's bytes 4
+    per frame: method 1 (0 stored, 1 bfn, 2 xz), raw length 4, seed prefix 4, payload length 4, crc32 of the frame's bytes 4
     header_crc 4  zlib.crc32 of everything above
     payloads      the frames' payloads, in order; nothing may follow
 """
@@ -35,12 +35,12 @@ class CorruptError(FormatError):
     """The stream cannot be decoded to the bytes it was made from."""
 
 
-STORED, BFN = 0, 1
+STORED, BFN, LZMA = 0, 1, 2     # frame methods
 
 
 @dataclasses.dataclass
 class Frame:
-    method: int               # STORED or BFN
+    method: int               # STORED, BFN or LZMA
     raw_len: int
     seed_prefix: int          # seed words below the stored payload (BFN frames)
     payload: bytes
@@ -98,6 +98,6 @@ def unpack(blob):
         pos += size
     if pos != len(blob):
         raise FormatError("corrupted .bfn file (trailing data after the last frame)")
-    if sum(f.raw_len for f in frames) != length or any(f.method not in (0, 1) for f in frames):
+    if sum(f.raw_len for f in frames) != length or any(f.method not in (STORED, BFN, LZMA) for f in frames):
         raise FormatError("corrupted .bfn file (frame table)")
     return header, frames, crcs
