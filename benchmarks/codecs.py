@@ -119,7 +119,8 @@ class Bfn(Codec):
         self.expected_bits = None
 
     def compress(self, data):
-        blob, stats = self.codec.compress(data, model_path=self.model_path, steps=self.steps, workers=self.workers)
+        blob, stats = self.codec.compress(data, model_path=self.model_path, steps=self.steps, workers=self.workers,
+                                          fallback=False)
         self.expected_bits = stats["model_bits"]
         return blob
 

@@ -157,7 +157,8 @@ def _compress_one(src, dst, opts):
     t0 = time.time()
     with _progress(len(data), os.path.basename(src) if src != "-" else "stdin", opts["quiet"]) as bar:
         blob, stats = codec.compress(data, opts["model"], opts["steps"], frame_size=opts["frame_size"],
-                                     workers=opts["threads"], progress=bar.update if bar else None)
+                                     workers=opts["threads"], progress=bar.update if bar else None,
+                                     fallback=opts["fallback"])
     seconds = time.time() - t0
     _write(dst, blob, opts["force"], _mode_of(src))
     if opts["verbose"]:
@@ -248,6 +249,8 @@ def _codec_options(f):
                      help="worker processes for independent frames [default: cores]"),
         click.option("--frame-size", type=click.IntRange(1, 1 << 30), default=None,
                      help="bytes per independently coded frame [default 1 MiB]"),
+        click.option("--no-fallback", is_flag=True,
+                     help="code every frame with the model, even where raw or xz would be smaller"),
         click.option("-v", "--verbose", is_flag=True, help="report sizes, model loss, overhead, speed"),
         click.option("-q", "--quiet", is_flag=True, help="no progress, no messages but errors"),
         click.argument("files", nargs=-1, type=click.Path()),
@@ -256,24 +259,27 @@ def _codec_options(f):
     return f
 
 
-def _opts(steps, model, threads, frame_size, verbose, quiet, force):
+def _opts(steps, model, threads, frame_size, no_fallback, verbose, quiet, force):
     from . import codec
     return {"steps": steps or codec.DEFAULT_STEPS, "model": model, "threads": threads or codec.default_workers(),
-            "frame_size": frame_size or codec.FRAME_SIZE, "verbose": verbose and not quiet, "quiet": quiet,
+            "frame_size": frame_size or codec.FRAME_SIZE, "fallback": not no_fallback, "verbose": verbose and not quiet, "quiet": quiet,
             "force": force}
 
 
 @click.command()
 @click.option("-d", "--decompress", is_flag=True, help="decompress (as bfn-decompress)")
 @_codec_options
-def compress_cmd(decompress, output, stdout, force, test, steps, model, threads, frame_size, verbose, quiet, files):
+def compress_cmd(decompress, output, stdout, force, test, steps, model, threads, frame_size, no_fallback, verbose,
+                 quiet, files):
     """Compress FILES to FILE.bfn (no FILES or '-': standard input to standard output)."""
     _run(files, output, stdout, force, test, decompress,
-         _opts(steps, model, threads, frame_size, verbose, quiet, force))
+         _opts(steps, model, threads, frame_size, no_fallback, verbose, quiet, force))
 
 
 @click.command()
 @_codec_options
-def decompress_cmd(output, stdout, force, test, steps, model, threads, frame_size, verbose, quiet, files):
+def decompress_cmd(output, stdout, force, test, steps, model, threads, frame_size, no_fallback, verbose, quiet,
+                   files):
     """Decompress FILE.bfn to FILE (no FILES or '-': standard input to standard output)."""
-    _run(files, output, stdout, force, test, True, _opts(steps, model, threads, frame_size, verbose, quiet, force))
+    _run(files, output, stdout, force, test, True,
+         _opts(steps, model, threads, frame_size, no_fallback, verbose, quiet, force))

@@ -59,7 +59,7 @@ def information_bits(stack):
     return 32 * words + (math.log2(state) if state else 0.0)
 
 
-def encode_frame(data, predictor, sch, allow_stored=True, progress=None):
+def encode_frame(data, predictor, sch, fallback=True, progress=None):
     """bytes -> Frame: bits-back coded, or xz or stored where that is smaller."""
     stats = {"model_bits": 0.0}
     if len(data):
@@ -77,7 +77,7 @@ def encode_frame(data, predictor, sch, allow_stored=True, progress=None):
         m = min(len(words), len(seed))
         prefix = int(np.argmin(words[:m] == seed[:m])) if not np.array_equal(words[:m], seed[:m]) else m
         payload = words[prefix:].astype("<u4").tobytes()
-        if not allow_stored:
+        if not fallback:
             return Frame(BFN, len(data), prefix, payload, stats["model_bits"], coded_bits)
         return min([Frame(BFN, len(data), prefix, payload, stats["model_bits"], coded_bits),
                     Frame(LZMA, len(data), 0, lzma.compress(data, preset=9 | lzma.PRESET_EXTREME)),
@@ -121,9 +121,10 @@ def decode_frame(frame, predictor, sch, progress=None):
 _worker = {}
 
 
-def _init_worker(model_path, steps, bins):
+def _init_worker(model_path, steps, bins, fallback=True):
     """Load the model for coding (once per process and setting); torch runs on one thread."""
     torch.set_num_threads(1)
+    _worker["fallback"] = fallback
     if _worker.get("key") != (model_path, steps, bins):
         model, fp, _ = load_weights(model_path)
         _worker.update(key=(model_path, steps, bins), predictor=Predictor(model),
@@ -132,7 +133,7 @@ def _init_worker(model_path, steps, bins):
 
 
 def _encode_job(data, progress=None):
-    return encode_frame(data, _worker["predictor"], _worker["sch"], progress=progress)
+    return encode_frame(data, _worker["predictor"], _worker["sch"], _worker["fallback"], progress)
 
 
 def _decode_job(frame, progress=None):
@@ -142,17 +143,17 @@ def _decode_job(frame, progress=None):
         return e
 
 
-def run_frames(job, items, model_path, steps, bins, workers, progress=None, size=len):
+def run_frames(job, items, model_path, steps, bins, workers, progress=None, size=len, fallback=True):
     """Map job over frames in `workers` processes (1: in this process). Results keep their order.
 
     progress(n_bytes) is called as bytes are done: per chunk in this process, per frame in a pool.
     """
     if workers <= 1 or len(items) <= 1:
-        _init_worker(model_path, steps, bins)
+        _init_worker(model_path, steps, bins, fallback)
         return [job(item, progress) for item in items]
     import multiprocessing as mp
     ctx = mp.get_context("spawn")
-    with ctx.Pool(min(workers, len(items)), _init_worker, (model_path, steps, bins)) as pool:
+    with ctx.Pool(min(workers, len(items)), _init_worker, (model_path, steps, bins, fallback)) as pool:
         results = []
         for item, res in zip(items, pool.imap(job, items)):
             results.append(res)
@@ -182,7 +183,7 @@ FRAME_SIZE = 1 << 20
 
 
 def compress(data, model_path=None, steps=DEFAULT_STEPS, bins=DEFAULT_BINS, frame_size=FRAME_SIZE,
-             workers=1, progress=None):
+             workers=1, progress=None, fallback=True):
     """bytes -> (.bfn bytes, stats). Over the frames coded with the BFN, stats has `model_bits`
     (the model's expected code length on the coded trajectories), `coded_bits` (what the ANS
     stack grew by) and `bfn_bytes` (their input size); `other_bytes` is the payload of the
@@ -191,7 +192,7 @@ def compress(data, model_path=None, steps=DEFAULT_STEPS, bins=DEFAULT_BINS, fram
     loaded = _init_worker(model_path, steps, bins)
     cfg = loaded["predictor"].cfg
     parts = split_frames(bytes(data), frame_size)
-    frames = run_frames(_encode_job, parts, model_path, steps, bins, workers, progress)
+    frames = run_frames(_encode_job, parts, model_path, steps, bins, workers, progress, fallback=fallback)
     header = container.Header(loaded["fp"], steps, bins, cfg.chunk_len, cfg.context_len, frame_size,
                               len(data), checksum(data))
     blob = container.pack(header, frames, [checksum(p) for p in parts])
