@@ -121,7 +121,7 @@ class Bfn(Codec):
     def compress(self, data):
         blob, stats = self.codec.compress(data, model_path=self.model_path, steps=self.steps, workers=self.workers,
                                           fallback=False)
-        self.expected_bits = stats["model_bits"]
+        self.expected_bits = self.codec.expected_bits(stats)
         return blob
 
     def decompress(self, blob):

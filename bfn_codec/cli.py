@@ -166,15 +166,18 @@ def _compress_one(src, dst, opts):
 
 
 def _report(src, size, out_size, stats, seconds):
-    """One line: sizes, bits per byte, the model's expected size, and what the coder added to it."""
+    """One line: sizes, bits per byte, the model's expected size, and what coding added to it:
+    the coder's excess on the bits-back chunks, and the fixed cost (header, ANS flush, and the
+    directly coded tail's excess over the model's rate)."""
+    from .codec import expected_bits
     n = max(size, 1)
     line = f"{src} : {size} -> {out_size} bytes ({100 * out_size / n:.2f}%), {8 * out_size / n:.4f} bits/byte"
-    if stats["model_bits"]:
-        model = stats["model_bits"] / 8 + stats["other_bytes"]
-        coder = 100 * (stats["coded_bits"] / stats["model_bits"] - 1)
-        fixed = out_size - stats["coded_bits"] / 8 - stats["other_bytes"]
-        line += (f"; model {8 * model / n:.4f} bits/byte ({model:.0f} bytes), overhead {out_size - model:+.0f} bytes: "
-                 f"coder {coder:+.2f}%, fixed {fixed:.0f} bytes (header and initial bits)")
+    if stats["coded_bits"]:
+        model = expected_bits(stats) / 8 + stats["other_bytes"]
+        excess = (stats["coded_bits"] - stats["direct_bits"] - stats["model_bits"]) / 8
+        coder = 100 * excess / (stats["model_bits"] / 8) if stats["model_bits"] else 0.0
+        line += (f"; model {8 * model / n:.4f} bits/byte ({model:.0f} bytes), overhead {out_size - model:+.0f} "
+                 f"bytes: coder {coder:+.2f}%, fixed {out_size - model - excess:.0f} bytes")
     return line + f"; {size / 1024 / max(seconds, 1e-9):.2f} KB/s"
 
 

@@ -3,9 +3,9 @@
 Frames are independent (own ANS stack, own context), so they can be coded in parallel
 processes with output identical to a serial run. Within a frame, chunks are chained on
 one stack in reverse order, so the decoder emits them in file order and each chunk's
-network sees the clean bytes before it. The stack starts on a fixed pseudo-random seed
-known to both sides; the encoder stores only the part of the final stack that differs
-from the seed's untouched bottom, and the decoder checks that it ends on the seed.
+network sees the clean bytes before it. The frame's last chunks are coded directly (no
+bits-back) under the network's t = 0 prediction and pushed first: they are the initial
+bits that the first bits-back chunk pops. The decoder checks that the stack ends empty.
 """
 import lzma
 import math
@@ -20,11 +20,7 @@ from . import container
 from .container import BFN, LZMA, STORED, CorruptError, Frame
 from .model import load_weights
 
-SEED_WORDS = 1 << 14
-
-
-def seed_words():
-    return np.random.default_rng(0x5EED).integers(1, 2 ** 32, SEED_WORDS, dtype=np.uint32)
+TAIL_BITS_PER_BYTE = 80    # a chunk's bits-back pops peak at about 74 bits per byte (r = 4)
 
 
 class Predictor:
@@ -60,29 +56,36 @@ def information_bits(stack):
 
 
 def encode_frame(data, predictor, sch, fallback=True, progress=None):
-    """bytes -> Frame: bits-back coded, or xz or stored where that is smaller."""
-    stats = {"model_bits": 0.0}
-    if len(data):
-        stack = bb.AnsCoder(seed_words())
-        start = information_bits(stack)
-        arr = np.frombuffer(data, dtype=np.uint8)
-        for a, b in reversed(chunk_bounds(len(arr), predictor.cfg.chunk_len)):
-            bits = np.unpackbits(arr[a:b]).astype(np.int64)
-            bb.encode_chunk(stack, sch, bits, predictor.for_chunk(arr[:a], b - a), stats)
-            if progress:
-                progress(b - a)
-        coded_bits = information_bits(stack) - start
-        words = stack.get_compressed()
-        seed = seed_words()
-        m = min(len(words), len(seed))
-        prefix = int(np.argmin(words[:m] == seed[:m])) if not np.array_equal(words[:m], seed[:m]) else m
-        payload = words[prefix:].astype("<u4").tobytes()
-        if not fallback:
-            return Frame(BFN, len(data), prefix, payload, stats["model_bits"], coded_bits)
-        return min([Frame(BFN, len(data), prefix, payload, stats["model_bits"], coded_bits),
-                    Frame(LZMA, len(data), 0, lzma.compress(data, preset=9 | lzma.PRESET_EXTREME)),
-                    Frame(STORED, len(data), 0, bytes(data))], key=lambda f: len(f.payload))
-    return Frame(STORED, 0, 0, b"")
+    """bytes -> Frame: bits-back coded, or xz or stored where that is smaller.
+
+    The last chunks of the frame (the tail) are coded directly under the network's t = 0
+    prediction, first, so that the bits-back chunks find real information on the stack to
+    pop; the tail grows until the stack holds TAIL_BITS_PER_BYTE per byte of a chunk.
+    """
+    if not len(data):
+        return Frame(STORED, 0, 0, b"")
+    stats = {"model_bits": 0.0, "direct_bits": 0.0, "direct_bytes": 0}
+    arr = np.frombuffer(data, dtype=np.uint8)
+    bounds = chunk_bounds(len(arr), predictor.cfg.chunk_len)
+    stack = bb.AnsCoder()
+    need = TAIL_BITS_PER_BYTE * predictor.cfg.chunk_len
+    tail = 0
+    for k, (a, b) in reversed(list(enumerate(bounds))):
+        bits = np.unpackbits(arr[a:b]).astype(np.int64)
+        predict = predictor.for_chunk(arr[:a], b - a)
+        if tail == len(bounds) - 1 - k and information_bits(stack) < need:
+            bb.encode_direct(stack, bits, predict, stats)
+            tail += 1
+        else:
+            bb.encode_chunk(stack, sch, bits, predict, stats)
+        if progress:
+            progress(b - a)
+    frame = Frame(BFN, len(data), tail, stack.get_compressed().astype("<u4").tobytes(),
+                  {**stats, "coded_bits": information_bits(stack)})
+    if not fallback:
+        return frame
+    return min([frame, Frame(LZMA, len(data), 0, lzma.compress(data, preset=9 | lzma.PRESET_EXTREME)),
+                Frame(STORED, len(data), 0, bytes(data))], key=lambda f: len(f.payload))
 
 
 def decode_frame(frame, predictor, sch, progress=None):
@@ -93,17 +96,18 @@ def decode_frame(frame, predictor, sch, progress=None):
             return lzma.decompress(frame.payload)
         except lzma.LZMAError:
             raise CorruptError("corrupted xz frame") from None
-    seed = seed_words()
-    if len(frame.payload) % 4 or frame.seed_prefix > len(seed):
+    bounds = chunk_bounds(frame.raw_len, predictor.cfg.chunk_len)
+    if len(frame.payload) % 4 or frame.tail_chunks > len(bounds):
         raise CorruptError("corrupted frame")
-    words = np.concatenate([seed[:frame.seed_prefix], np.frombuffer(frame.payload, dtype="<u4")])
-    if len(words) < 2 or words[-1] == 0:
-        raise CorruptError("corrupted frame")
-    stack = bb.AnsCoder(words.astype(np.uint32))
     out = np.zeros(frame.raw_len, dtype=np.uint8)
     try:
-        for a, b in chunk_bounds(frame.raw_len, predictor.cfg.chunk_len):
-            bits = bb.decode_chunk(stack, sch, 8 * (b - a), predictor.for_chunk(out[:a], b - a))
+        stack = bb.AnsCoder(np.frombuffer(frame.payload, dtype="<u4").astype(np.uint32))
+        for k, (a, b) in enumerate(bounds):
+            predict = predictor.for_chunk(out[:a], b - a)
+            if k >= len(bounds) - frame.tail_chunks:
+                bits = bb.decode_direct(stack, 8 * (b - a), predict)
+            else:
+                bits = bb.decode_chunk(stack, sch, 8 * (b - a), predict)
             out[a:b] = np.packbits(bits.astype(np.uint8))
             if progress:
                 progress(b - a)
@@ -111,8 +115,8 @@ def decode_frame(frame, predictor, sch, progress=None):
         if isinstance(e, (KeyboardInterrupt, SystemExit, MemoryError)):
             raise
         raise CorruptError("corrupted data or wrong model: the stream cannot be decoded") from None
-    if not np.array_equal(stack.get_compressed(), seed):
-        raise CorruptError("corrupted data or wrong model: the stream did not end on its seed")
+    if not stack.is_empty():
+        raise CorruptError("corrupted data or wrong model: data left over after the last chunk")
     return out.tobytes()
 
 
@@ -185,8 +189,9 @@ FRAME_SIZE = 1 << 20
 def compress(data, model_path=None, steps=DEFAULT_STEPS, bins=DEFAULT_BINS, frame_size=FRAME_SIZE,
              workers=1, progress=None, fallback=True):
     """bytes -> (.bfn bytes, stats). Over the frames coded with the BFN, stats has `model_bits`
-    (the model's expected code length on the coded trajectories), `coded_bits` (what the ANS
-    stack grew by) and `bfn_bytes` (their input size); `other_bytes` is the payload of the
+    (the model's expected code length of the bits-back chunks on the coded trajectories) and
+    `bfn_bytes` (their size), `direct_bits` and `direct_bytes` (the tail chunks, coded
+    directly), `coded_bits` (what the ANS stacks hold); `other_bytes` is the payload of the
     frames stored raw or as xz."""
     model_path = model_path or DEFAULT_MODEL
     loaded = _init_worker(model_path, steps, bins)
@@ -196,10 +201,19 @@ def compress(data, model_path=None, steps=DEFAULT_STEPS, bins=DEFAULT_BINS, fram
     header = container.Header(loaded["fp"], steps, bins, cfg.chunk_len, cfg.context_len, frame_size,
                               len(data), checksum(data))
     blob = container.pack(header, frames, [checksum(p) for p in parts])
-    coded = [f for f in frames if f.method == BFN]
-    return blob, {"model_bits": sum(f.model_bits for f in coded), "coded_bits": sum(f.coded_bits for f in coded),
-                  "bfn_bytes": sum(f.raw_len for f in coded),
-                  "other_bytes": sum(len(f.payload) for f in frames if f.method != BFN)}
+    stats = {key: sum(f.stats[key] for f in frames if f.method == BFN)
+             for key in ("model_bits", "direct_bits", "direct_bytes", "coded_bits")}
+    stats["bfn_bytes"] = sum(f.raw_len for f in frames if f.method == BFN) - stats["direct_bytes"]
+    stats["other_bytes"] = sum(len(f.payload) for f in frames if f.method != BFN)
+    return blob, stats
+
+
+def expected_bits(stats):
+    """The model's n-step loss for all BFN frames: its rate on the bits-back chunks, applied to
+    the directly coded tail too (or the tail's direct code length where there is nothing else)."""
+    if not stats["bfn_bytes"]:
+        return stats["direct_bits"]
+    return stats["model_bits"] / stats["bfn_bytes"] * (stats["bfn_bytes"] + stats["direct_bytes"])
 
 
 def decompress(blob, model_path=None, workers=1, progress=None):

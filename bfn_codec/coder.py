@@ -191,6 +191,19 @@ def encode_chunk(coder, sch, x, predict, stats=None):
         S = S_prev
 
 
+def encode_direct(coder, x, predict, stats=None):
+    """Push x (D,) under the network's t = 0 prediction from context alone: no bits-back."""
+    logit = predict(np.zeros(len(x)), 0.0)
+    push_bits(coder, x, prob_of_one(logit))
+    if stats is not None:
+        stats["direct_bits"] += float(np.logaddexp(0.0, -np.where(x == 1, logit, -logit)).sum() / math.log(2))
+        stats["direct_bytes"] += len(x) // 8
+
+
+def decode_direct(coder, D, predict):
+    return pop_bits(coder, prob_of_one(predict(np.zeros(D), 0.0)))
+
+
 def decode_chunk(coder, sch, D, predict):
     """Pop D binary variables: the exact reverse of encode_chunk."""
     n = sch.n

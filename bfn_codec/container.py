@@ -11,7 +11,7 @@
     length     8  original length in bytes
     crc        4  zlib.crc32 of the original
     frames     4  number of frames
-    per frame: method 1 (0 stored, 1 bfn, 2 xz), raw length 4, seed prefix 4, payload length 4, crc32 of the frame's bytes 4
+    per frame: method 1 (0 stored, 1 bfn, 2 xz), raw length 4, tail chunks 4, payload length 4, crc32 of the frame's bytes 4
     header_crc 4  zlib.crc32 of everything above
     payloads      the frames' payloads, in order; nothing may follow
 """
@@ -42,10 +42,9 @@ STORED, BFN, LZMA = 0, 1, 2     # frame methods
 class Frame:
     method: int               # STORED, BFN or LZMA
     raw_len: int
-    seed_prefix: int          # seed words below the stored payload (BFN frames)
+    tail_chunks: int          # BFN frames: how many last chunks were coded directly
     payload: bytes
-    model_bits: float = 0.0   # encoder only: the model's expected code length of this frame
-    coded_bits: float = 0.0   # encoder only: what the ANS stack grew by
+    stats: dict = dataclasses.field(default_factory=dict)   # encoder only: code lengths, see codec.compress
 
 
 @dataclasses.dataclass
@@ -64,7 +63,7 @@ def pack(header, frames, frame_crcs):
     head = _HEAD.pack(MAGIC, VERSION, header.model.encode("ascii"), header.steps, header.bins,
                       header.chunk_len, header.context_len, header.frame_size, header.length,
                       header.crc, len(frames))
-    head += b"".join(_FRAME.pack(f.method, f.raw_len, f.seed_prefix, len(f.payload), c)
+    head += b"".join(_FRAME.pack(f.method, f.raw_len, f.tail_chunks, len(f.payload), c)
                      for f, c in zip(frames, frame_crcs))
     return head + _CRC.pack(zlib.crc32(head)) + b"".join(f.payload for f in frames)
 

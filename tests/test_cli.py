@@ -85,7 +85,7 @@ def test_tiny_perturbation_of_the_network_does_not_change_the_stream(tiny_model,
     """Network outputs off by a relative 1e-12 (another machine's last bits) give the same stream."""
     from bfn_codec import coder as bb
     data = TEXT[:2000]
-    reference = codec.compress(data, str(tiny_model))[0]
+    reference = codec.compress(data, str(tiny_model), fallback=False)[0]
     real = bb.quantise_logit
     calls = []
 
@@ -94,10 +94,10 @@ def test_tiny_perturbation_of_the_network_does_not_change_the_stream(tiny_model,
         return real(np.asarray(logit, np.float64) * scale)
 
     monkeypatch.setattr(bb, "quantise_logit", perturbed)
-    assert codec.compress(data, str(tiny_model))[0] == reference and calls
+    assert codec.compress(data, str(tiny_model), fallback=False)[0] == reference and calls
     # a larger change does change it: the test can fail
     monkeypatch.setattr(bb, "quantise_logit", lambda logit: perturbed(logit, 1.05))
-    assert codec.compress(data, str(tiny_model))[0] != reference
+    assert codec.compress(data, str(tiny_model), fallback=False)[0] != reference
 
 
 def test_stdin_stdout_and_test_mode(tmp_path, tiny_model):
@@ -114,7 +114,7 @@ def test_stdin_stdout_and_test_mode(tmp_path, tiny_model):
 def test_verbose_reports_model_loss_and_overhead(tmp_path, tiny_model):
     src = tmp_path / "v.txt"
     src.write_bytes(TEXT[:6000])
-    r = run("bfn-compress", "-v", "--model", str(tiny_model), str(src))
+    r = run("bfn-compress", "-v", "--no-fallback", "--model", str(tiny_model), str(src))
     assert r.returncode == 0
     line = r.stderr.decode()
     assert "bits/byte" in line and "model" in line and "overhead" in line and "KB/s" in line
@@ -133,7 +133,7 @@ def test_error_paths(tmp_path, tiny_model, corpus):
     src = tmp_path / "a.txt"
     src.write_bytes(TEXT[:3000])
     expect_error(run("bfn-compress", *m, str(tmp_path / "missing.txt")), "no such file")
-    assert run("bfn-compress", "-q", *m, str(src)).returncode == 0
+    assert run("bfn-compress", "-q", "--no-fallback", *m, str(src)).returncode == 0
     good = (tmp_path / "a.txt.bfn").read_bytes()
     before = good
     expect_error(run("bfn-compress", *m, str(src)), "already exists")
