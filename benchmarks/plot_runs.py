@@ -23,6 +23,24 @@ def total_key(rec):
     return next((k for k in rec if k.startswith("val_total")), None)
 
 
+def table(specs):
+    """Markdown: every evaluation of every run."""
+    rows = ["| run | minutes | bytes seen | continuous-time | n-step | reconstruction | total |",
+            "|---|---|---|---|---|---|---|"]
+    for spec in specs:
+        folder, _, label = spec.partition(":")
+        for r in load(folder):
+            key = total_key(r)
+            if key:
+                n = key[len("val_total"):]
+                rows.append(f"| {label or folder} | {r['minutes']:.1f} | {r['bytes'] / 1e6:.1f}M | {r['val_cont']:.3f} | "
+                            f"{r['val_n' + n]:.3f} | {r['val_rec' + n]:.3f} | {r[key]:.3f} |")
+            else:
+                rows.append(f"| {label or folder} | {r['minutes']:.1f} | {r['bytes'] / 1e6:.1f}M | | | | "
+                            f"{r['val_ar']:.3f} (AR) |")
+    return "\n".join(rows)
+
+
 def main(out, specs):
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for spec in specs:
@@ -49,3 +67,4 @@ def main(out, specs):
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2:])
+    print(table(sys.argv[2:]))

@@ -39,15 +39,30 @@ def _build(cls, values):
 
 @click.command(context_settings={"show_default": True})
 @click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--export", type=click.Path(dir_okay=False), default=None,
+              help="write the run's EMA weights as a weights file (float16) to this path, and exit")
 @_options_from(ModelConfig)
 @_options_from(TrainConfig)
-def train_cmd(out_dir, **values):
+def train_cmd(out_dir, export, **values):
     """Train a BFN into OUT_DIR, or resume the run there (its checkpoint's config wins)."""
     from .train import Trainer
-    trainer = Trainer(out_dir, _build(ModelConfig, values), _build(TrainConfig, values))
+    if export:
+        from .model import load_weights, save_weights
+        import torch
+        model, _, _ = load_weights(os.path.join(out_dir, "ckpt.pt"), dtype=torch.float32)
+        save_weights(export, model)
+        click.echo(f"{export}: model {load_weights(export)[1]}", err=True)
+        return
+    explicit = {k: v for k, v in values.items() if v is not None}
+    trainer = Trainer(out_dir, _build(ModelConfig, values), _build(TrainConfig, values), explicit)
     click.echo(f"{trainer.net.num_params():,} parameters, step {trainer.step}, "
                f"{trainer.mcfg}, {trainer.tcfg}", err=True)
-    trainer.run()
+
+    def progress(step, loss):
+        if step % 10 == 0:
+            click.echo(f"\rstep {step}  train {loss / 0.6931:.3f} bits/byte  "
+                       f"{trainer.train_seconds / 60:.1f} min", err=True, nl=False)
+    trainer.run(progress if sys.stderr.isatty() else None)
 
 
 @click.command()
@@ -251,7 +266,7 @@ def _codec_options(f):
         click.option("-T", "--threads", type=click.IntRange(1, 64), default=None,
                      help="worker processes for independent frames [default: cores]"),
         click.option("--frame-size", type=click.IntRange(1, 1 << 30), default=None,
-                     help="bytes per independently coded frame [default 1 MiB]"),
+                     help="bytes per independently coded frame [default 256 KiB]"),
         click.option("--no-fallback", is_flag=True,
                      help="code every frame with the model, even where raw or xz would be smaller"),
         click.option("-v", "--verbose", is_flag=True, help="report sizes, model loss, overhead, speed"),

@@ -32,8 +32,7 @@ class Predictor:
 
     def for_chunk(self, context, length):
         cfg = self.cfg
-        ctx = torch.from_numpy(np.asarray(context[len(context) - cfg.context_len:] if cfg.context_len else
-                                          context[:0], dtype=np.int64))[None]
+        ctx = torch.from_numpy(np.asarray(context[max(0, len(context) - cfg.context_len):], dtype=np.int64))[None]
         cache = self.model.context(ctx) if ctx.shape[1] else None
         z = torch.zeros(1, 1, length, cfg.V, 2, dtype=torch.float64)
 
@@ -175,7 +174,8 @@ def checksum(data):
 
 
 def default_workers():
-    return max(1, min(os.cpu_count() or 1, 8))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(cores or 1, 8))
 
 
 # ---- whole files ----
@@ -183,7 +183,7 @@ def default_workers():
 DEFAULT_MODEL = os.path.join(os.path.dirname(__file__), "weights", "default.pt")
 DEFAULT_STEPS = 10
 DEFAULT_BINS = 4
-FRAME_SIZE = 1 << 20
+FRAME_SIZE = 1 << 18
 
 
 def compress(data, model_path=None, steps=DEFAULT_STEPS, bins=DEFAULT_BINS, frame_size=FRAME_SIZE,

@@ -119,7 +119,9 @@ def evaluate(net, val, tcfg, n_list=None):
 
 
 class Trainer:
-    def __init__(self, out_dir, mcfg: ModelConfig, tcfg: TrainConfig):
+    def __init__(self, out_dir, mcfg: ModelConfig, tcfg: TrainConfig, overrides=None):
+        """overrides: the train settings given explicitly (None: all of tcfg's); on resuming, only
+        budgets and the curriculum (aux_ce, lr) may change, the rest comes from the checkpoint."""
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.ckpt_path = self.out / "ckpt.pt"
@@ -127,8 +129,10 @@ class Trainer:
             blob = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
             mcfg = ModelConfig(**blob["config"]["model"])
             saved = blob["config"]["train"]
-            keep = {"minutes", "max_steps", "threads", "eval_minutes", "ckpt_minutes", "data_dir"}
-            tcfg = TrainConfig(**{**saved, **{k: getattr(tcfg, k) for k in keep}})
+            keep = {"minutes", "max_steps", "threads", "eval_minutes", "ckpt_minutes", "data_dir",
+                    "aux_ce", "lr"}        # what a resumed run may change: budgets, and a curriculum
+            given = keep if overrides is None else keep & set(overrides)
+            tcfg = TrainConfig(**{**saved, **{k: getattr(tcfg, k) for k in given}})
         else:
             blob = None
         self.mcfg, self.tcfg = mcfg, tcfg
