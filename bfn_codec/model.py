@@ -35,6 +35,7 @@ class ModelConfig:
     context_len: int = 192    # W: clean symbols before a chunk (a multiple of chunk_len, or 0)
     beta1: float = 3.0
     residual: bool = True     # p_O = softmax(log theta + delta) instead of softmax(delta)
+    rope: bool = False        # rotary (relative) positions in attention instead of learned absolute ones
 
     @property
     def n_symbols(self):
@@ -52,19 +53,32 @@ def to_symbols(variables, cfg):
     return (variables.long() * powers).sum(-1)
 
 
+def rotary(x, pos):
+    """Rotate query/key channel pairs by angles proportional to the position (RoPE)."""
+    half = x.shape[-1] // 2
+    freqs = 10000.0 ** (-torch.arange(half, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32,
+                                      device=x.device) / half)
+    angle = pos.to(freqs.dtype)[:, None] * freqs
+    cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1)
+
+
 class Block(nn.Module):
-    def __init__(self, d, n_heads):
+    def __init__(self, d, n_heads, rope=False):
         super().__init__()
-        self.n_heads = n_heads
+        self.n_heads, self.rope = n_heads, rope
         self.ln1 = nn.LayerNorm(d)
         self.qkv = nn.Linear(d, 3 * d)
         self.proj = nn.Linear(d, d)
         self.ln2 = nn.LayerNorm(d)
         self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
 
-    def heads(self, h):
+    def heads(self, h, pos=None):
         B, T, _ = h.shape
         q, k, v = self.qkv(self.ln1(h)).reshape(B, T, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)
+        if self.rope:
+            q, k = rotary(q, pos), rotary(k, pos)
         return q, k, v
 
     def finish(self, h, q, k, v, mask):
@@ -82,9 +96,9 @@ class BFNNet(nn.Module):
         self.n_out = cfg.V if cfg.K == 2 else cfg.V * cfg.K
         self.symbol_emb = nn.Embedding(cfg.n_symbols, d)
         self.theta_in = nn.Linear(self.n_in, d)
-        self.pos_emb = nn.Embedding(cfg.context_len + cfg.chunk_len, d)
+        self.pos_emb = None if cfg.rope else nn.Embedding(cfg.context_len + cfg.chunk_len, d)
         self.time_mlp = nn.Sequential(nn.Linear(32, d), nn.GELU(), nn.Linear(d, d))
-        self.blocks = nn.ModuleList(Block(d, cfg.n_heads) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(Block(d, cfg.n_heads, cfg.rope) for _ in range(cfg.n_layers))
         self.ln_out = nn.LayerNorm(d)
         self.head = nn.Linear(d, self.n_out)
         nn.init.zeros_(self.head.weight)
@@ -94,11 +108,12 @@ class BFNNet(nn.Module):
     def context(self, ctx):
         """Keys and values of the clean context symbols ctx (B, W), one pair per layer."""
         B, W = ctx.shape
-        h = self.symbol_emb(ctx) + self.pos_emb(torch.arange(W, device=ctx.device))
+        pos = torch.arange(W, device=ctx.device)
+        h = self.symbol_emb(ctx) + (0 if self.pos_emb is None else self.pos_emb(pos))
         causal = torch.ones(W, W, dtype=torch.bool, device=ctx.device).tril()
         cache = []
         for block in self.blocks:
-            q, k, v = block.heads(h)
+            q, k, v = block.heads(h, pos)
             cache.append((k, v))
             h = block.finish(h, q, k, v, causal)
         return cache
@@ -120,14 +135,14 @@ class BFNNet(nn.Module):
         tf = t.to(z.dtype)[..., None] * self.freqs.to(z.dtype)
         temb = self.time_mlp(torch.cat([tf.sin(), tf.cos()], -1))          # (B, C, d)
         h = self.theta_in(feats) + temb[:, :, None]
-        h = h.reshape(B, C * L, -1) + self.pos_emb(pos)
+        h = h.reshape(B, C * L, -1) + (0 if self.pos_emb is None else self.pos_emb(pos))
         chunk_of = torch.arange(C, device=dev).repeat_interleave(L)
         mask = chunk_of[:, None] == chunk_of[None, :]
         if W:
             see_ctx = torch.arange(W, device=dev)[None, :] < start[chunk_of][:, None]
             mask = torch.cat([see_ctx, mask], 1)
         for li, block in enumerate(self.blocks):
-            q, k, v = block.heads(h)
+            q, k, v = block.heads(h, pos)
             if W:
                 k = torch.cat([cache[li][0], k], 2)
                 v = torch.cat([cache[li][1], v], 2)

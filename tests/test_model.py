@@ -1,6 +1,7 @@
 """The network: context caching, chunk layout, residual output, weights files."""
 import dataclasses
 
+import pytest
 import torch
 
 from bfn_codec.model import BFNNet, ModelConfig, fingerprint, load_weights, save_weights, to_symbols, to_vars
@@ -15,10 +16,11 @@ def test_bits_round_trip_msb_first():
     assert torch.equal(to_symbols(v, CFG), x)
 
 
-def test_training_chunks_equal_coding_calls():
+@pytest.mark.parametrize("rope", [False, True])
+def test_training_chunks_equal_coding_calls(rope):
     """Chunk j of a training sequence gets exactly what the coder gets with j*L context bytes."""
     torch.manual_seed(0)
-    net = BFNNet(CFG).double()
+    net = BFNNet(dataclasses.replace(CFG, rope=rope)).double()
     torch.nn.init.normal_(net.head.weight)
     seq = torch.randint(0, 256, (2, 24))
     C, L = 3, 8
@@ -29,6 +31,19 @@ def test_training_chunks_equal_coding_calls():
         cache = net.context(seq[:, :j * L]) if j else None
         one = net(z[:, j:j + 1], t[:, j:j + 1], cache)
         assert torch.allclose(full[:, j:j + 1], one, atol=1e-10)
+
+
+def test_context_changes_the_output():
+    """The chunk does see its context (a mask that hid it would pass the test above)."""
+    torch.manual_seed(0)
+    for rope in (False, True):
+        net = BFNNet(dataclasses.replace(CFG, rope=rope)).double()
+        torch.nn.init.normal_(net.head.weight)
+        z = torch.randn(1, 1, 8, 8, 2, dtype=torch.float64)
+        t = torch.rand(1, 1, dtype=torch.float64)
+        a = net(z, t, net.context(torch.randint(0, 256, (1, 16))))
+        b = net(z, t, net.context(torch.randint(0, 256, (1, 16))))
+        assert (a - b).abs().max() > 1e-3
 
 
 def test_untrained_output_is_the_own_evidence_posterior():
