@@ -7,7 +7,7 @@ import pytest
 from bfn_codec.model import ModelConfig, save_weights
 from bfn_codec.train import TrainConfig, Trainer
 
-TINY = ModelConfig(d_model=64, n_layers=2, n_heads=4, chunk_len=16, context_len=32, beta1=3.0)
+TINY = ModelConfig(d_model=64, n_layers=2, n_heads=4, chunk_len=16, context_len=32, beta1=3.0, rope=True)
 TEXT = (b"The quick brown fox jumps over the lazy dog. " * 40 + b"Pack my box with five dozen liquor jugs!\n") * 30
 
 

@@ -12,8 +12,8 @@ def test_tiny_model_learns_repetitive_text(trained):
     log = [json.loads(line) for line in open(trainer.out / "log.jsonl")]
     first, last = log[0], log[-1]
     assert first["val_total10"] > 7.5          # untrained: about 8 bits per byte
-    assert last["val_total10"] < 5.0           # far below 8 after a few hundred steps
-    assert last["val_cont"] < 4.5
+    assert last["val_total10"] < 2.0           # far below 8 after a few hundred steps (1.04 seen)
+    assert last["val_cont"] < 2.0
 
 
 def test_resume_continues_identically(tmp_path, corpus):
