@@ -106,7 +106,10 @@ def test_code_length_matches_the_n_step_loss(tiny_model):
     pred = codec.Predictor(model)
     n = 10
     sch = bb.Schedule(n, cfg.beta1, 4.0)
-    data = np.frombuffer(TEXT[:12288], dtype=np.uint8)
+    data = np.frombuffer(TEXT[:12288], dtype=np.uint8).copy()   # with typos: a few bits per byte
+    rng = np.random.default_rng(7)
+    typos = rng.random(len(data)) < 0.1
+    data[typos] = rng.integers(97, 123, typos.sum())
     stack = fresh_stack(1 << 14)
     start = codec.information_bits(stack)
     stats = {"model_bits": 0.0}
