@@ -1,6 +1,6 @@
 """Command line: bfn-compress, bfn-decompress, bfn-train, bfn-sample. Thin: parse, call, report.
 
-Exit codes (as zstd): 0 success, 1 any error, with a one-line message on stderr.
+Exit codes: 0 success, 1 error (a one-line message on stderr), 2 a malformed command line.
 """
 import contextlib
 import dataclasses
@@ -45,12 +45,15 @@ def _build(cls, values):
 @_options_from(TrainConfig)
 def train_cmd(out_dir, export, **values):
     """Train a BFN into OUT_DIR, or resume the run there (its checkpoint's config wins)."""
+    from .bfn import bits
     from .train import Trainer
     if export:
         from .model import load_weights, save_weights
         import torch
         model, _, _ = load_weights(os.path.join(out_dir, "ckpt.pt"), dtype=torch.float32)
-        save_weights(export, model)
+        tmp = export + ".tmp"
+        save_weights(tmp, model)
+        os.replace(tmp, export)
         click.echo(f"{export}: model {load_weights(export)[1]}", err=True)
         return
     explicit = {k: v for k, v in values.items() if v is not None}
@@ -60,7 +63,7 @@ def train_cmd(out_dir, export, **values):
 
     def progress(step, loss):
         if step % 10 == 0:
-            click.echo(f"\rstep {step}  train {loss / 0.6931:.3f} bits/byte  "
+            click.echo(f"\rstep {step}  train {bits(loss):.3f} bits/byte  "
                        f"{trainer.train_seconds / 60:.1f} min", err=True, nl=False)
     trainer.run(progress if sys.stderr.isatty() else None)
 
@@ -228,9 +231,11 @@ def _model_path(model):
 
 
 def _run(files, output, stdout, force, test, decompress, opts):
+    from .model import ModelError
     files = list(files) or ["-"]
-    if output and len(files) > 1:
-        raise click.UsageError("-o/--output takes a single input file")
+    if (output or (stdout and not (decompress or test))) and len(files) > 1:
+        click.echo("bfn: -o and -c take a single input file when compressing", err=True)
+        sys.exit(1)
     failed = False
     for src in files:
         try:
@@ -246,6 +251,9 @@ def _run(files, output, stdout, force, test, decompress, opts):
                     _compress_one(src, dst, opts)
         except Fail as e:
             click.echo(f"bfn: {e}", err=True)
+            failed = True
+        except (ModelError, OSError) as e:
+            click.echo(f"bfn: {src}: {e}", err=True)
             failed = True
         except KeyboardInterrupt:
             click.echo("bfn: interrupted", err=True)

@@ -89,12 +89,17 @@ def encode_frame(data, predictor, sch, fallback=True, progress=None):
 
 def decode_frame(frame, predictor, sch, progress=None):
     if frame.method == STORED:
+        if len(frame.payload) != frame.raw_len:
+            raise CorruptError("corrupted stored frame")
         return frame.payload
     if frame.method == LZMA:
         try:
-            return lzma.decompress(frame.payload)
+            out = lzma.LZMADecompressor().decompress(frame.payload, max_length=frame.raw_len + 1)
         except lzma.LZMAError:
             raise CorruptError("corrupted xz frame") from None
+        if len(out) != frame.raw_len:
+            raise CorruptError("corrupted xz frame")
+        return out
     bounds = chunk_bounds(frame.raw_len, predictor.cfg.chunk_len)
     if len(frame.payload) % 4 or frame.tail_chunks > len(bounds):
         raise CorruptError("corrupted frame")
@@ -111,7 +116,8 @@ def decode_frame(frame, predictor, sch, progress=None):
             if progress:
                 progress(b - a)
     except BaseException as e:     # the coder refuses impossible symbols: a damaged stream
-        if isinstance(e, (KeyboardInterrupt, SystemExit, MemoryError)):
+        if not isinstance(e, (KeyError, ValueError, OverflowError, AssertionError)) \
+                and type(e).__name__ != "PanicException":     # constriction's Rust panics
             raise
         raise CorruptError("corrupted data or wrong model: the stream cannot be decoded") from None
     if not stack.is_empty():

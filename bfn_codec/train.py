@@ -62,7 +62,7 @@ def split_chunks(x, cfg):
 
 
 def loss_per_byte(net, x, tcfg, generator, t=None, step=None):
-    """Training loss in nats per byte for a batch x (B, W + L). Returns (loss, t or steps used)."""
+    """Training loss in nats per byte for a batch x (B, W + L); t or step may be given (tests)."""
     cfg = net.cfg
     ctx, v = split_chunks(x, cfg)
     B, C = v.shape[:2]
@@ -214,7 +214,7 @@ class Trainer:
         base_seconds, losses = self.train_seconds, []
         if self.step == 0:
             self.eval_and_log(losses, 0.0)
-        while True:
+        while not (tcfg.max_steps and self.step >= tcfg.max_steps):
             losses.append(self.train_step())
             now = time.time()
             self.train_seconds = base_seconds + now - start
@@ -237,10 +237,9 @@ class Trainer:
             metrics = evaluate(self.ema, self.val_data, self.tcfg)
         record = {"step": self.step, "bytes": self.bytes_seen, "minutes": self.train_seconds / 60,
                   "train_bpb": bfn.bits(float(np.mean(losses))) if losses else None,
-                  "bytes_per_s": (sum(1 for _ in losses) * self.tcfg.batch_size *
+                  "bytes_per_s": (len(losses) * self.tcfg.batch_size *
                                   (self.mcfg.context_len + self.mcfg.chunk_len) / seconds) if seconds else None,
-                  "eval_seconds": None, **metrics}
-        record["eval_seconds"] = time.time() - t0
+                  **metrics, "eval_seconds": time.time() - t0}
         self.log(record)
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in record.items()}),
               file=sys.stderr, flush=True)

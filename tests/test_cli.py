@@ -175,6 +175,8 @@ def test_error_paths(tmp_path, tiny_model, corpus):
     expect_error(run("bfn-decompress", "--model", str(tmp_path / "other.pt"), str(bad / "a.txt.bfn")), fp)
     assert not (bad / "a.txt").exists()
     expect_error(run("bfn-compress", "--model", str(tmp_path / "nope.pt"), str(src)), "no model")
+    (tmp_path / "junk.pt").write_bytes(b"not weights")
+    expect_error(run("bfn-compress", "-f", "--model", str(tmp_path / "junk.pt"), str(src)), "not a bfn-codec weights")
 
 
 def test_interrupt_leaves_no_partial_output(tmp_path, tiny_model):
@@ -193,7 +195,7 @@ def test_interrupt_leaves_no_partial_output(tmp_path, tiny_model):
 @settings(max_examples=25, deadline=None)
 @given(st.binary(max_size=300) | st.text(max_size=200).map(str.encode))
 def test_any_bytes_round_trip(tiny_model, data):
-    blob = codec.compress(data, str(tiny_model), frame_size=128)[0]
+    blob = codec.compress(data, str(tiny_model), frame_size=128, fallback=False)[0]
     assert codec.decompress(blob, str(tiny_model)) == data
 
 
