@@ -164,6 +164,11 @@ def pop_receiver(coder, sch, i, s_prev, logit):
 
 # ---- a chunk: the whole n-step transmission ----
 
+def nll_bits(logit, x):
+    """-log2 p(x) under Bernoulli(sigmoid(logit)), summed."""
+    return float(np.logaddexp(0.0, -np.where(x == 1, logit, -logit)).sum() / math.log(2))
+
+
 def kl_bits(logit, x, acc):
     """Expected bits of one step given this step's receiver (quadrature, as bfn.step_kl_binary)."""
     from .bfn import _GH_NODES, _GH_WEIGHTS
@@ -180,7 +185,7 @@ def encode_chunk(coder, sch, x, predict, stats=None):
     logit = predict(S * sch.grid[n], 1.0)
     push_bits(coder, x, prob_of_one(logit))
     if stats is not None:
-        stats["model_bits"] += float(np.logaddexp(0.0, -np.where(x == 1, logit, -logit)).sum() / math.log(2))
+        stats["model_bits"] += nll_bits(logit, x)
     for i in range(n, 0, -1):
         S_prev = pop_bridge(coder, sch, i, S) if i > 1 else np.zeros_like(S)
         s_prev = S_prev * sch.grid[i - 1] if i > 1 else np.zeros(len(S))
@@ -196,7 +201,7 @@ def encode_direct(coder, x, predict, stats=None):
     logit = predict(np.zeros(len(x)), 0.0)
     push_bits(coder, x, prob_of_one(logit))
     if stats is not None:
-        stats["direct_bits"] += float(np.logaddexp(0.0, -np.where(x == 1, logit, -logit)).sum() / math.log(2))
+        stats["direct_bits"] += nll_bits(logit, x)
         stats["direct_bytes"] += len(x) // 8
 
 
