@@ -23,6 +23,8 @@ import math
 import numpy as np
 import constriction
 
+from .bfn import _GH_NODES, _GH_WEIGHTS
+
 _model = constriction.stream.model
 AnsCoder = constriction.stream.stack.AnsCoder
 
@@ -171,7 +173,6 @@ def nll_bits(logit, x):
 
 def kl_bits(logit, x, acc):
     """Expected bits of one step given this step's receiver (quadrature, as bfn.step_kl_binary)."""
-    from .bfn import _GH_NODES, _GH_WEIGHTS
     log_w = -np.logaddexp(0.0, -np.where(x == 1, logit, -logit))
     log_not = -np.logaddexp(0.0, np.where(x == 1, logit, -logit))
     other = log_not[:, None] - 2 * acc - 2 * math.sqrt(acc) * _GH_NODES[None, :]
