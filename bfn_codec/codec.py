@@ -20,8 +20,6 @@ from . import container
 from .container import BFN, LZMA, STORED, CorruptError, Frame
 from .model import load_weights
 
-TAIL_BITS_PER_BYTE = 80    # a chunk's bits-back pops peak at about 74 bits per byte (r = 4)
-
 
 class Predictor:
     """The network as the coder sees it: float64, one thread, logits on a fixed grid."""
@@ -59,7 +57,7 @@ def encode_frame(data, predictor, sch, fallback=True, progress=None):
 
     The last chunks of the frame (the tail) are coded directly under the network's t = 0
     prediction, first, so that the bits-back chunks find real information on the stack to
-    pop; the tail grows until the stack holds TAIL_BITS_PER_BYTE per byte of a chunk.
+    pop; the tail grows until the stack holds what a chunk pops at its worst point.
     """
     if not len(data):
         return Frame(STORED, 0, 0, b"")
@@ -67,7 +65,7 @@ def encode_frame(data, predictor, sch, fallback=True, progress=None):
     arr = np.frombuffer(data, dtype=np.uint8)
     bounds = chunk_bounds(len(arr), predictor.cfg.chunk_len)
     stack = bb.AnsCoder()
-    need = TAIL_BITS_PER_BYTE * predictor.cfg.chunk_len
+    need = 8 * predictor.cfg.chunk_len * sch.peak_pop_bits()
     tail = 0
     for k, (a, b) in reversed(list(enumerate(bounds))):
         bits = np.unpackbits(arr[a:b]).astype(np.int64)

@@ -69,6 +69,19 @@ class Schedule:
     def t(self, i):
         return i / self.n
 
+    def peak_pop_bits(self):
+        """Bits per variable that a chunk pops before its pushes catch up (its worst point):
+        the initial bits it needs on the stack. Entropies of the discretised Gaussians; a
+        step's component pop counts as a full bit before the step's pushes land."""
+        h = lambda std: math.log2(std * math.sqrt(2 * math.pi * math.e))
+        run = -h(math.sqrt(4 * self.beta[self.n]) / self.grid[self.n])
+        peak = run
+        for i in range(self.n, 0, -1):
+            bridge = h(self.bridge_std(i) / self.grid[i - 1]) if i > 1 else 0.0
+            peak = min(peak, run - bridge - 1.0)
+            run += h(self.r) - bridge
+        return -peak
+
     def bridge_std(self, i):
         return math.sqrt(4 * self.beta[i - 1] * self.alpha[i] / self.beta[i])
 
