@@ -170,7 +170,14 @@ def run_frames(job, items, model_path, steps, bins, workers, progress=None, size
 
 
 def split_frames(data, frame_size):
-    return [data[a:a + frame_size] for a in range(0, len(data), frame_size)] or [b""]
+    """Equal frames of at most frame_size bytes; at least two once the input is 2 x
+    MIN_SPLIT long, so that two cores share even a mid-sized file. Depends only on the
+    length, never on the worker count."""
+    count = max(1, -(-len(data) // frame_size))
+    if count == 1 and len(data) >= 2 * MIN_SPLIT and frame_size >= MIN_SPLIT:
+        count = 2
+    step = -(-len(data) // count) if data else 1
+    return [data[a:a + step] for a in range(0, len(data), step)] or [b""]
 
 
 def checksum(data):
@@ -188,6 +195,7 @@ DEFAULT_MODEL = os.path.join(os.path.dirname(__file__), "weights", "default.pt")
 DEFAULT_STEPS = 10
 DEFAULT_BINS = 4
 FRAME_SIZE = 1 << 18
+MIN_SPLIT = 1 << 15
 
 
 def compress(data, model_path=None, steps=DEFAULT_STEPS, bins=DEFAULT_BINS, frame_size=FRAME_SIZE,

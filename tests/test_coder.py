@@ -180,3 +180,16 @@ def test_stored_stream_still_decodes_and_encodes_the_same():
     stored = (data / "compat_sample.bin.bfn").read_bytes()
     assert codec.decompress(stored, model) == original
     assert codec.compress(original, model, fallback=False)[0] == stored
+
+
+@pytest.mark.parametrize("length, frame_size, sizes", [
+    (0, 1 << 18, [0]),
+    (1000, 1 << 18, [1000]),
+    (65535, 1 << 18, [65535]),                  # below 2 x MIN_SPLIT: one frame
+    (150_001, 1 << 18, [75_001, 75_000]),       # mid-sized: two frames for two cores
+    (600_000, 1 << 18, [200_000] * 3),
+    (100_000, 1 << 14, [14_286] * 6 + [14_284]),
+])
+def test_frames_depend_only_on_the_length(length, frame_size, sizes):
+    frames = codec.split_frames(bytes(length), frame_size)
+    assert [len(f) for f in frames] == sizes
