@@ -130,7 +130,7 @@ class Trainer:
             mcfg = ModelConfig(**blob["config"]["model"])
             saved = blob["config"]["train"]
             keep = {"minutes", "max_steps", "threads", "eval_minutes", "ckpt_minutes", "data_dir",
-                    "aux_ce", "lr", "loss"}  # what a resumed run may change: budgets, and a curriculum
+                    "aux_ce", "lr", "loss", "code_fraction"}  # a resumed run may change budgets and the curriculum
             given = keep if overrides is None else keep & set(overrides)
             tcfg = TrainConfig(**{**saved, **{k: getattr(tcfg, k) for k in given}})
         else:
