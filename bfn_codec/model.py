@@ -53,13 +53,19 @@ def to_symbols(variables, cfg):
     return (variables.long() * powers).sum(-1)
 
 
-def rotary(x, pos):
-    """Rotate query/key channel pairs by angles proportional to the position (RoPE)."""
+def rotary_tables(pos, head_dim, dtype):
+    """cos and sin of the rotary angles (RoPE) for positions pos: computed once per forward."""
+    half = head_dim // 2
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    freqs = 10000.0 ** (-torch.arange(half, dtype=wide, device=pos.device) / half)
+    angle = pos.to(wide)[:, None] * freqs
+    return angle.cos().to(dtype), angle.sin().to(dtype)
+
+
+def rotary(x, tables):
+    """Rotate query/key channel pairs by angles proportional to the position."""
+    cos, sin = (table.to(x.dtype) for table in tables)
     half = x.shape[-1] // 2
-    freqs = 10000.0 ** (-torch.arange(half, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32,
-                                      device=x.device) / half)
-    angle = pos.to(freqs.dtype)[:, None] * freqs
-    cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1)
 
@@ -74,11 +80,11 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(d)
         self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
 
-    def heads(self, h, pos=None):
+    def heads(self, h, tables=None):
         B, T, _ = h.shape
         q, k, v = self.qkv(self.ln1(h)).reshape(B, T, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)
         if self.rope:
-            q, k = rotary(q, pos), rotary(k, pos)
+            q, k = rotary(q, tables), rotary(k, tables)
         return q, k, v
 
     def finish(self, h, q, k, v, mask):
@@ -105,15 +111,19 @@ class BFNNet(nn.Module):
         nn.init.zeros_(self.head.bias)
         self.register_buffer("freqs", math.pi * 2.0 ** torch.arange(16.0) / 16, persistent=False)
 
+    def rotary_tables(self, pos, dtype):
+        return rotary_tables(pos, self.cfg.d_model // self.cfg.n_heads, dtype) if self.cfg.rope else None
+
     def context(self, ctx):
         """Keys and values of the clean context symbols ctx (B, W), one pair per layer."""
         B, W = ctx.shape
         pos = torch.arange(W, device=ctx.device)
         h = self.symbol_emb(ctx) + (0 if self.pos_emb is None else self.pos_emb(pos))
         causal = torch.ones(W, W, dtype=torch.bool, device=ctx.device).tril()
+        tables = self.rotary_tables(pos, h.dtype)
         cache = []
         for block in self.blocks:
-            q, k, v = block.heads(h, pos)
+            q, k, v = block.heads(h, tables)
             cache.append((k, v))
             h = block.finish(h, q, k, v, causal)
         return cache
@@ -141,8 +151,9 @@ class BFNNet(nn.Module):
         if W:
             see_ctx = torch.arange(W, device=dev)[None, :] < start[chunk_of][:, None]
             mask = torch.cat([see_ctx, mask], 1)
+        tables = self.rotary_tables(pos, h.dtype)
         for li, block in enumerate(self.blocks):
-            q, k, v = block.heads(h, pos)
+            q, k, v = block.heads(h, tables)
             if W:
                 k = torch.cat([cache[li][0], k], 2)
                 v = torch.cat([cache[li][1], v], 2)
