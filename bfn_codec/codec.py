@@ -52,6 +52,23 @@ def information_bits(stack):
     return 32 * words + (math.log2(state) if state else 0.0)
 
 
+PROBE_CHUNKS = 16      # chunks of a frame sampled to guess whether the BFN can win
+PROBE_RATIO = 0.5      # the BFN codes in more than this share of the t = 0 code length
+
+
+def probe_bits(arr, bounds, predictor):
+    """A quick guess of a frame's direct code length: the network's t = 0 prediction on
+    PROBE_CHUNKS chunks spread over the frame (one network call each), scaled up."""
+    picks = sorted(set(np.linspace(0, len(bounds) - 1, min(PROBE_CHUNKS, len(bounds))).astype(int)))
+    bits = nbytes = 0
+    for k in picks:
+        a, b = bounds[k]
+        x = np.unpackbits(arr[a:b]).astype(np.int64)
+        bits += bb.nll_bits(predictor.for_chunk(arr[:a], b - a)(np.zeros(len(x)), 0.0), x)
+        nbytes += b - a
+    return bits * len(arr) / nbytes
+
+
 def encode_frame(data, predictor, sch, fallback=True, progress=None):
     """bytes -> Frame: bits-back coded, or xz or stored where that is smaller.
 
@@ -61,9 +78,17 @@ def encode_frame(data, predictor, sch, fallback=True, progress=None):
     """
     if not len(data):
         return Frame(STORED, 0, 0, b"")
-    stats = {"model_bits": 0.0, "direct_bits": 0.0, "direct_bytes": 0}
     arr = np.frombuffer(data, dtype=np.uint8)
     bounds = chunk_bounds(len(arr), predictor.cfg.chunk_len)
+    others = []
+    if fallback:
+        others = [Frame(LZMA, len(data), 0, lzma.compress(data, preset=9 | lzma.PRESET_EXTREME)),
+                  Frame(STORED, len(data), 0, bytes(data))]
+        if PROBE_RATIO * probe_bits(arr, bounds, predictor) > 8 * min(len(f.payload) for f in others):
+            if progress:
+                progress(len(data))
+            return min(others, key=lambda f: len(f.payload))
+    stats = {"model_bits": 0.0, "direct_bits": 0.0, "direct_bytes": 0}
     stack = bb.AnsCoder()
     need = 8 * predictor.cfg.chunk_len * sch.peak_pop_bits()
     tail = 0
@@ -79,10 +104,7 @@ def encode_frame(data, predictor, sch, fallback=True, progress=None):
             progress(b - a)
     frame = Frame(BFN, len(data), tail, stack.get_compressed().astype("<u4").tobytes(),
                   {**stats, "coded_bits": information_bits(stack)})
-    if not fallback:
-        return frame
-    return min([frame, Frame(LZMA, len(data), 0, lzma.compress(data, preset=9 | lzma.PRESET_EXTREME)),
-                Frame(STORED, len(data), 0, bytes(data))], key=lambda f: len(f.payload))
+    return min([frame] + others, key=lambda f: len(f.payload))
 
 
 def decode_frame(frame, predictor, sch, progress=None):

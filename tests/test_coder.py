@@ -193,3 +193,17 @@ def test_stored_stream_still_decodes_and_encodes_the_same():
 def test_frames_depend_only_on_the_length(length, frame_size, sizes):
     frames = codec.split_frames(bytes(length), frame_size)
     assert [len(f) for f in frames] == sizes
+
+
+def test_probe_skips_the_bfn_where_it_cannot_win(tiny_model):
+    """Random bytes: a few t = 0 network calls show that the BFN cannot beat storing them,
+    so the frame is stored without coding every chunk."""
+    model, _, _ = load_weights(tiny_model)
+    pred = codec.Predictor(model)
+    calls = []
+    for_chunk = pred.for_chunk
+    pred.for_chunk = lambda *a: calls.append(a) or for_chunk(*a)
+    data = np.random.default_rng(3).integers(0, 256, 4096, dtype=np.uint8).tobytes()
+    frame = codec.encode_frame(data, pred, bb.Schedule(10, model.cfg.beta1, 4.0))
+    assert frame.method == codec.STORED and frame.payload == data
+    assert len(calls) <= codec.PROBE_CHUNKS
