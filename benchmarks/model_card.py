@@ -4,7 +4,7 @@
 
 Prints a Markdown table of validation bits per byte (continuous-time, and n-step +
 reconstruction for several n) on the training code's validation slice, and writes
-`flow.png`: for one sentence, the receiver's belief in each byte along one sender
+`steps.png` (those losses against n) and `flow.png`: for one sentence, the receiver's belief in each byte along one sender
 trajectory (the chain the coder transmits), step by step.
 """
 import argparse
@@ -80,6 +80,22 @@ def plot_flow(model, n, out):
     plt.close(fig)
 
 
+def plot_steps(res, steps, out):
+    """L^n + L^r and L^n against n, with L^inf: the n-step loss falls toward it as n grows."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(steps, [res[f"val_total{n}"] for n in steps], "o-", label="n-step + reconstruction (what the codec pays)")
+    ax.plot(steps, [res[f"val_n{n}"] for n in steps], "s--", label="n-step loss")
+    ax.axhline(res["val_cont"], color="gray", ls=":", label="continuous-time loss")
+    ax.set_xscale("log")
+    ax.set_xlabel("steps n (log scale)")
+    ax.set_ylabel("validation bits per byte")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=130)
+    plt.close(fig)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=DEFAULT_MODEL)
@@ -93,6 +109,7 @@ def main():
     plot_flow(model, args.flow_steps, out / "flow.png")
     steps = [int(s) for s in args.steps.split(",")]
     res = validation(model, steps)
+    plot_steps(res, steps, out / "steps.png")
     print(f"model {fp}: {model.num_params():,} parameters\n")
     print("| n | n-step loss | reconstruction | total |\n|---|---|---|---|")
     for n in steps:
