@@ -57,7 +57,7 @@ def main(out, specs):
     for ax, xlabel in zip(axes, ("training bytes (millions)", "training minutes (2 CPU cores)")):
         ax.set_xlabel(xlabel)
         ax.set_ylabel("validation bits per byte")
-        ax.set_ylim(top=8.2)
+        ax.set_ylim(2.0, 8.2)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle("Validation code length (solid: n-step + reconstruction; dashed: continuous-time loss)")

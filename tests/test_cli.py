@@ -183,7 +183,7 @@ def test_interrupt_leaves_no_partial_output(tmp_path, tiny_model):
     src = tmp_path / "big.txt"
     src.write_bytes(TEXT * 3)
     argv = [sys.executable, "-c", "import sys; from bfn_codec.cli import compress_cmd as m; sys.exit(m())",
-            "-q", "-T", "1", "--model", str(tiny_model), str(src)]
+            "-q", "-T", "1", "--no-fallback", "--model", str(tiny_model), str(src)]
     p = subprocess.Popen(argv, stderr=subprocess.PIPE)
     time.sleep(6)
     p.send_signal(signal.SIGINT)
