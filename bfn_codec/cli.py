@@ -65,6 +65,13 @@ def train_cmd(out_dir, export, **values):
         if step % 10 == 0:
             click.echo(f"\rstep {step}  train {bits(loss):.3f} bits/byte  "
                        f"{trainer.train_seconds / 60:.1f} min", err=True, nl=False)
+
+    def stop(signum, frame):     # first Ctrl-C or TERM: finish the step, evaluate, save, exit
+        trainer.stop_requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        click.echo("\nstopping after this step (evaluating and saving the checkpoint)", err=True)
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
     trainer.run(progress if sys.stderr.isatty() else None)
 
 

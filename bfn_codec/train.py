@@ -150,6 +150,7 @@ class Trainer:
         self.rng = np.random.default_rng(tcfg.seed)
         self.gen = torch.Generator().manual_seed(tcfg.seed)
         self.step, self.bytes_seen, self.train_seconds = 0, 0, 0.0
+        self.stop_requested = False      # set from a signal handler: stop after this step, evaluate, save
         if blob is not None:
             self.net.load_state_dict(blob["model"])
             self.ema.load_state_dict(blob["ema"])
@@ -218,7 +219,8 @@ class Trainer:
             losses.append(self.train_step())
             now = time.time()
             self.train_seconds = base_seconds + now - start
-            done = now - start >= tcfg.minutes * 60 or (tcfg.max_steps and self.step >= tcfg.max_steps)
+            done = (now - start >= tcfg.minutes * 60 or (tcfg.max_steps and self.step >= tcfg.max_steps)
+                    or self.stop_requested)
             if progress:
                 progress(self.step, losses[-1])
             if done or now - last_eval >= tcfg.eval_minutes * 60:

@@ -28,3 +28,27 @@ def test_resume_continues_identically(tmp_path, corpus):
         assert torch.equal(a, b), name
     for a, b in zip(straight.ema.state_dict().values(), resumed.ema.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_term_signal_stops_after_a_step_and_saves(tmp_path, corpus):
+    """bfn-train on SIGTERM (or a first Ctrl-C): finishes the step, evaluates, saves, exits 0."""
+    import json
+    import signal
+    import subprocess
+    import time
+    from conftest import cli
+    out = tmp_path / "run"
+    p = subprocess.Popen(cli("train_cmd", str(out), "--d-model", "32", "--n-layers", "1", "--n-heads", "2",
+                             "--chunk-len", "16", "--context-len", "16", "--data-dir", str(corpus),
+                             "--val-bytes", "2048", "--val-offset", "0", "--batch-size", "4",
+                             "--minutes", "10", "--threads", "1"),
+                         stderr=subprocess.PIPE)
+    log = out / "log.jsonl"
+    deadline = time.time() + 120
+    while not (log.exists() and log.read_text()) and time.time() < deadline:
+        time.sleep(0.5)
+    time.sleep(2)                               # some training steps
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=120) == 0
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert records[-1]["step"] > 0 and (out / "ckpt.pt").exists()
