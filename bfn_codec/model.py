@@ -54,12 +54,12 @@ def to_symbols(variables, cfg):
 
 
 def rotary_tables(pos, head_dim, dtype):
-    """cos and sin of the rotary angles (RoPE) for positions pos: computed once per forward."""
-    half = head_dim // 2
+    """cos and sin of the rotary angles (RoPE) for positions pos, in float64 for float64
+    networks and float32 otherwise: computed once per forward, cast to q/k's dtype in rotary."""
     wide = torch.float64 if dtype == torch.float64 else torch.float32
-    freqs = 10000.0 ** (-torch.arange(half, dtype=wide, device=pos.device) / half)
-    angle = pos.to(wide)[:, None] * freqs
-    return angle.cos().to(dtype), angle.sin().to(dtype)
+    half = head_dim // 2
+    angle = pos.to(wide)[:, None] * 10000.0 ** (-torch.arange(half, dtype=wide, device=pos.device) / half)
+    return angle.cos(), angle.sin()
 
 
 def rotary(x, tables):
