@@ -90,7 +90,7 @@ def encode_frame(data, predictor, sch, fallback=True, progress=None):
             return min(others, key=lambda f: len(f.payload))
     stats = {"model_bits": 0.0, "direct_bits": 0.0, "direct_bytes": 0}
     stack = bb.AnsCoder()
-    need = 8 * predictor.cfg.chunk_len * sch.peak_pop_bits()
+    need = 8 * predictor.cfg.chunk_len * sch.peak_pop_bits(8 * predictor.cfg.chunk_len)
     tail = 0
     for k, (a, b) in reversed(list(enumerate(bounds))):
         bits = np.unpackbits(arr[a:b]).astype(np.int64)
@@ -99,7 +99,7 @@ def encode_frame(data, predictor, sch, fallback=True, progress=None):
             bb.encode_direct(stack, bits, predict, stats)
             tail += 1
         else:
-            bb.encode_chunk(stack, sch, bits, predict, stats)
+            bb.encode_chunk(stack, sch, bits, predict, k, stats)
         if progress:
             progress(b - a)
     frame = Frame(BFN, len(data), tail, stack.get_compressed().astype("<u4").tobytes(),
@@ -131,7 +131,7 @@ def decode_frame(frame, predictor, sch, progress=None):
             if k >= len(bounds) - frame.tail_chunks:
                 bits = bb.decode_direct(stack, 8 * (b - a), predict)
             else:
-                bits = bb.decode_chunk(stack, sch, 8 * (b - a), predict)
+                bits = bb.decode_chunk(stack, sch, 8 * (b - a), predict, k)
             out[a:b] = np.packbits(bits.astype(np.uint8))
             if progress:
                 progress(b - a)

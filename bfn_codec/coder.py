@@ -69,17 +69,28 @@ class Schedule:
     def t(self, i):
         return i / self.n
 
-    def peak_pop_bits(self):
-        """Bits per variable that a chunk pops before its pushes catch up (its worst point):
-        the initial bits it needs on the stack. Entropies of the discretised Gaussians; a
-        step's component pop counts as a full bit before the step's pushes land."""
+    def pop_bits(self, i):
+        """Bits per variable the encoder pops at step i before the step's pushes (entropies
+        of the discretised Gaussians, the component as a full bit); i = n + 1: the top."""
         h = lambda std: math.log2(std * math.sqrt(2 * math.pi * math.e))
-        run = -h(math.sqrt(4 * self.beta[self.n]) / self.grid[self.n])
-        peak = run
-        for i in range(self.n, 0, -1):
-            bridge = h(self.bridge_std(i) / self.grid[i - 1]) if i > 1 else 0.0
-            peak = min(peak, run - bridge - 1.0)
-            run += h(self.r) - bridge
+        if i == self.n + 1:
+            return h(math.sqrt(4 * self.beta[self.n]) / self.grid[self.n])
+        return (h(self.bridge_std(i) / self.grid[i - 1]) if i > 1 else 0.0) + 1.0
+
+    def whiten_words(self, i, D):
+        """16-bit words whitened before step i's pops (i = n + 1: the top) for D variables:
+        what the step is expected to pop, and a margin."""
+        return math.ceil(D * self.pop_bits(i) / 16) + WHITEN_MARGIN
+
+    def peak_pop_bits(self, D):
+        """Bits per variable that a chunk of D variables pops before its pushes catch up
+        (its worst point, the whitening included): the initial bits it needs on the stack."""
+        run, peak = 0.0, 0.0
+        for i in range(self.n + 1, 0, -1):
+            peak = min(peak, run - 16 * self.whiten_words(i, D) / D)
+            if i <= self.n:
+                run += math.log2(self.r * math.sqrt(2 * math.pi * math.e)) + 1.0
+            run -= self.pop_bits(i)
         return -peak
 
     def bridge_std(self, i):
@@ -107,6 +118,35 @@ def push_bits(coder, bits, p_one):
 
 def pop_bits(coder, p_one):
     return coder.decode(_model.Bernoulli(perfect=False), p_one).astype(np.int64)
+
+
+_WORD = _model.Uniform(1 << 16)
+WHITEN_MARGIN = 4          # 16-bit words whitened beyond what a step is expected to pop
+
+
+def _keystream(key, count):
+    """count pseudo-random 16-bit words from an integer key (splitmix64; any machine)."""
+    with np.errstate(over="ignore"):
+        z = np.uint64(key) * np.uint64(0x9E3779B97F4A7C15) + np.arange(1, count + 1, dtype=np.uint64)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return ((z ^ (z >> np.uint64(31))) & np.uint64(0xFFFF)).astype(np.int32)
+
+
+def whiten(coder, key, count):
+    """XOR the top `count` 16-bit words of the stack with a keyed pseudo-random stream.
+
+    Its own inverse and free. Why: after a push, the next pop reads a quantile inside the
+    pushed symbol's bin, so pops that follow pushes under a miscalibrated model are not
+    fresh samples and the trajectory drifts; whitened words are uniform whatever was
+    pushed. The count is capped by the stack's word count, which whitening keeps."""
+    count = min(count, 2 * coder.pos()[0] - 2)
+    if count > 0:
+        coder.encode_reverse(coder.decode(_WORD, count) ^ _keystream(key, count), _WORD)
+
+
+def _whiten_step(coder, sch, key, i, D):
+    whiten(coder, key * (sch.n + 2) + i, sch.whiten_words(i, D))
 
 
 def _pop_half_range(std):
@@ -192,15 +232,18 @@ def kl_bits(logit, x, acc):
     return float(-(np.logaddexp(log_w[:, None], other) @ _GH_WEIGHTS).sum() / math.log(2))
 
 
-def encode_chunk(coder, sch, x, predict, stats=None):
-    """Push the binary variables x (D,) onto the stack. predict(s, t) -> quantised logits (D,)."""
+def encode_chunk(coder, sch, x, predict, key, stats=None):
+    """Push the binary variables x (D,) onto the stack. predict(s, t) -> quantised logits (D,);
+    key: the chunk's number, which seeds the whitening before each step's pops."""
     n = sch.n
+    _whiten_step(coder, sch, key, n + 1, len(x))
     S = pop_top(coder, sch, x)
     logit = predict(S * sch.grid[n], 1.0)
     push_bits(coder, x, prob_of_one(logit))
     if stats is not None:
         stats["model_bits"] += nll_bits(logit, x)
     for i in range(n, 0, -1):
+        _whiten_step(coder, sch, key, i, len(x))
         S_prev = pop_bridge(coder, sch, i, S) if i > 1 else np.zeros_like(S)
         s_prev = S_prev * sch.grid[i - 1] if i > 1 else np.zeros(len(S))
         logit = predict(s_prev, sch.t(i - 1))
@@ -223,7 +266,7 @@ def decode_direct(coder, D, predict):
     return pop_bits(coder, prob_of_one(predict(np.zeros(D), 0.0)))
 
 
-def decode_chunk(coder, sch, D, predict):
+def decode_chunk(coder, sch, D, predict, key):
     """Pop D binary variables: the exact reverse of encode_chunk."""
     n = sch.n
     S_prev, s_prev = None, np.zeros(D)
@@ -232,7 +275,9 @@ def decode_chunk(coder, sch, D, predict):
         S = pop_receiver(coder, sch, i, s_prev, logit)
         if i > 1:
             push_bridge(coder, sch, i, S_prev, S)
+        _whiten_step(coder, sch, key, i, D)
         S_prev, s_prev = S, S * sch.grid[i]
     x = pop_bits(coder, prob_of_one(predict(s_prev, 1.0)))
     push_top(coder, sch, S_prev, x)
+    _whiten_step(coder, sch, key, n + 1, D)
     return x

@@ -21,7 +21,7 @@ import zlib
 
 
 MAGIC = b"BFN\x1a"
-VERSION = 1
+VERSION = 2            # 2: whitening before the pops of every step (coder.whiten)
 _HEAD = struct.Struct("<4sB16sHBHHIQII")
 _FRAME = struct.Struct("<BIIII")
 _CRC = struct.Struct("<I")
