@@ -116,12 +116,13 @@ class Bfn(Codec):
         from bfn_codec import codec
         self.codec, self.steps, self.model_path, self.workers = codec, steps, model_path, workers
         self.name, self.label = f"bfn-{steps}", f"bfn-codec {steps} steps"
-        self.expected_bits = None
+        self.stats = None
 
     def compress(self, data):
         blob, stats = self.codec.compress(data, model_path=self.model_path, steps=self.steps, workers=self.workers,
                                           fallback=False)
-        self.expected_bits = self.codec.expected_bits(stats)
+        self.stats = {"expected_bits": self.codec.expected_bits(stats), "model_bits": stats["model_bits"],
+                      "excess_bits": self.codec.coder_excess_bits(stats)}
         return blob
 
     def decompress(self, blob):

@@ -194,12 +194,12 @@ def _report(src, size, out_size, stats, seconds):
     """One line: sizes, bits per byte, the model's expected size, and what coding added to it:
     the coder's excess on the bits-back chunks, and the fixed cost (header, ANS flush, and the
     directly coded tail's excess over the model's rate)."""
-    from .codec import expected_bits
+    from .codec import coder_excess_bits, expected_bits
     n = max(size, 1)
     line = f"{src} : {size} -> {out_size} bytes ({100 * out_size / n:.2f}%), {8 * out_size / n:.4f} bits/byte"
     if stats["coded_bits"]:
         model = expected_bits(stats) / 8 + stats["other_bytes"]
-        excess = (stats["coded_bits"] - stats["direct_bits"] - stats["model_bits"]) / 8
+        excess = coder_excess_bits(stats) / 8
         coder = 100 * excess / (stats["model_bits"] / 8) if stats["model_bits"] else 0.0
         line += (f"; model {8 * model / n:.4f} bits/byte ({model:.0f} bytes), overhead {out_size - model:+.0f} "
                  f"bytes: coder {coder:+.2f}%, fixed {out_size - model - excess:.0f} bytes")

@@ -250,6 +250,11 @@ def expected_bits(stats):
     return stats["model_bits"] / stats["bfn_bytes"] * (stats["bfn_bytes"] + stats["direct_bytes"])
 
 
+def coder_excess_bits(stats):
+    """What the bits-back chunks cost beyond the model's loss on their trajectories."""
+    return stats["coded_bits"] - stats["direct_bits"] - stats["model_bits"]
+
+
 def decompress(blob, model_path=None, workers=1, progress=None):
     """.bfn bytes -> the original bytes, verified against every checksum; raises FormatError."""
     header, frames, crcs = container.unpack(blob)

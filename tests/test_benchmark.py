@@ -44,13 +44,15 @@ def test_benchmark_smoke(tmp_path, tiny_model):
     assert float(bfn["expected_bytes"]) > 0
     assert float(bfn["overhead_bytes"]) == pytest.approx(int(bfn["compressed_bytes"]) - float(bfn["expected_bytes"]))
     assert float(bfn["compress_kb_s"]) > 0 and float(bfn["decompress_kb_s"]) > 0
+    assert abs(float(bfn["coder_pct"])) < 10      # the bits-back chunks' excess is small
+    assert 0 < float(bfn["fixed_bytes"]) < int(bfn["compressed_bytes"])    # header and flush at least
 
     for png in ("bpb_per_file.png", "bpb_vs_speed.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "RESULTS.md").read_text()
     assert md.startswith("# bfn-codec benchmark\n\nProduced by:\n\n```\npython -m benchmarks.run "
                          + shlex.join(argv) + "\n```")
-    assert "**total**" in md and "Python" in md and "torch" in md and "overhead" in md
+    assert "**total**" in md and "Python" in md and "torch" in md and "overhead" in md and "coder %" in md
 
 
 def test_directory_and_missing_model(tmp_path):
