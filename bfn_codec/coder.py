@@ -12,7 +12,8 @@ pair: `pop` is the exact inverse of `push` on the stack. The encoder of a chunk 
 s_n, pushes x, then for i = n..2 pops s_{i-1} from the bridge and pushes s_i under the
 receiver, and finally pushes s_1; the decoder runs the exact reverse. Pushing under the
 receiver mixture is itself bits-back over the component c (pop c from its posterior,
-push s_i under component c, push c under w).
+push s_i under component c, push c under w). Before each step's pops the top of the stack
+is whitened (`whiten`), so that the pops draw fresh samples whatever was pushed before.
 
 Determinism: every number handed to constriction is a function of integers and of the
 network's output *after* `quantise_logit`, computed the same way on both sides. s_i
