@@ -1,7 +1,8 @@
 """The codecs under test: each has `name`, `label`, `compress(data) -> bytes`, `decompress(blob) -> bytes`.
 
 Baselines use the Python bindings of the standard libraries at their strongest settings.
-bfn-codec additionally sets `expected_bits` (the model's expected code length) after each compress.
+bfn-codec additionally sets `stats` after each compress: the model's expected code length
+(`expected_bits`), its loss on the coded trajectories (`model_bits`) and the coder's excess over it.
 """
 import bz2
 import gzip

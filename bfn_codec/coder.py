@@ -126,7 +126,9 @@ WHITEN_MARGIN = 4          # 16-bit words whitened beyond what a step is expecte
 
 
 def _keystream(key, count):
-    """count pseudo-random 16-bit words from an integer key (splitmix64; any machine)."""
+    """count pseudo-random 16-bit words from an integer key, the same on any machine: the low
+    16 bits of splitmix64's output function applied to key * 0x9E3779B97F4A7C15 + j,
+    j = 1..count (arithmetic mod 2^64). Part of the format."""
     with np.errstate(over="ignore"):
         z = np.uint64(key) * np.uint64(0x9E3779B97F4A7C15) + np.arange(1, count + 1, dtype=np.uint64)
         z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
@@ -139,8 +141,9 @@ def whiten(coder, key, count):
 
     Its own inverse and free. Why: after a push, the next pop reads a quantile inside the
     pushed symbol's bin, so pops that follow pushes under a miscalibrated model are not
-    fresh samples and the trajectory drifts; whitened words are uniform whatever was
-    pushed. The count is capped by the stack's word count, which whitening keeps."""
+    fresh samples and the trajectory drifts; the whitened words no longer depend on the
+    bins of what was pushed. The count is capped by the stack's bulk word count, which
+    whitening keeps, so the decoder computes the same cap."""
     count = min(count, 2 * coder.pos()[0] - 2)
     if count > 0:
         coder.encode_reverse(coder.decode(_WORD, count) ^ _keystream(key, count), _WORD)

@@ -1,4 +1,4 @@
-"""The .bfn file format (version 1). All integers little-endian.
+"""The .bfn file format (version 2). All integers little-endian.
 
     magic      4  b"BFN\\x1a"
     version    1

@@ -66,7 +66,7 @@ def test_top_and_bridge_pairs():
                        lambda s: bb.pop_bridge(s, SCH, i, S_n), S_prev)
 
 
-@pytest.mark.parametrize("words", [0, 1, 3, 40, 256])
+@pytest.mark.parametrize("words", [0, 1, 3, 4, 5, 40, 256])
 def test_whitening_is_its_own_inverse(words):
     """Whitening twice with the same key restores the stack, on any fill (it never pops
     more than the stack holds), and it changes the words it covers."""
@@ -74,16 +74,19 @@ def test_whitening_is_its_own_inverse(words):
     before, words_before = stack.get_compressed(), stack.pos()[0]
     bb.whiten(stack, 7, 300)
     assert stack.pos()[0] == words_before
-    if words >= 40:
+    if words_before >= 2:        # the cap, 2 * words - 2, lets whitening act
         assert not np.array_equal(stack.get_compressed(), before)
     bb.whiten(stack, 7, 300)
     assert np.array_equal(stack.get_compressed(), before)
 
 
-def test_pops_stay_fresh_under_a_miscalibrated_model():
+@pytest.mark.parametrize("whitened", [True, False])
+def test_pops_stay_fresh_under_a_miscalibrated_model(whitened, monkeypatch):
     """A confidently wrong model pushes redundant bits; whitening keeps the popped
     trajectories fresh, so the actual cost stays at the model's loss on that trajectory
-    (without whitening this was +4 %)."""
+    (without whitening it is 4 % above)."""
+    if not whitened:
+        monkeypatch.setattr(bb, "whiten", lambda coder, key, count: None)
     def wrong(s, t):                     # says zeros; the data are mostly ones
         return bb.quantise_logit(0.5 * s - 4.0)
     rng = np.random.default_rng(4)
@@ -92,7 +95,8 @@ def test_pops_stay_fresh_under_a_miscalibrated_model():
     start, stats = codec.information_bits(stack), {"model_bits": 0.0}
     for k in range(40):
         bb.encode_chunk(stack, sch, (rng.random(512) < 0.9).astype(np.int64), wrong, k, stats)
-    assert codec.information_bits(stack) - start == pytest.approx(stats["model_bits"], rel=0.015)
+    excess = (codec.information_bits(stack) - start) / stats["model_bits"] - 1
+    assert abs(excess) < 0.015 if whitened else excess > 0.03
 
 
 def test_direct_pair():
