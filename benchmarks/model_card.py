@@ -5,7 +5,9 @@
 Prints a Markdown table of validation bits per byte (continuous-time, and n-step +
 reconstruction for several n) on the training code's validation slice, and writes
 `steps.png` (those losses against n) and `flow.png`: for one sentence, the receiver's belief in each byte along one sender
-trajectory (the chain the coder transmits), step by step.
+trajectory (the chain the coder transmits), step by step. `--texts FILE...` adds the
+loss at n = 10 on the first 64 KB of each file (the offset of, say, the Canterbury
+texts from the validation books).
 """
 import argparse
 import math
@@ -31,6 +33,19 @@ def validation(model, steps):
     tcfg = TrainConfig()
     val = read_text(Path(DATA) / "valid.txt.xz", tcfg.val_offset + tcfg.val_bytes)[tcfg.val_offset:]
     return evaluate(model.float(), val, tcfg, steps)
+
+
+TEXT_BYTES = 65536
+
+
+def on_texts(model, paths, n=10):
+    """The same losses on the first TEXT_BYTES of other files: {name: (total at n, continuous)}."""
+    out = {}
+    for path in paths:
+        data = np.frombuffer(Path(path).read_bytes()[:TEXT_BYTES], dtype=np.uint8)
+        res = evaluate(model.float(), data, TrainConfig(), [n])
+        out[Path(path).name] = (res[f"val_total{n}"], res["val_cont"])
+    return out
 
 
 @torch.no_grad()
@@ -102,6 +117,8 @@ def main():
     ap.add_argument("--out", default="docs")
     ap.add_argument("--steps", default="1,2,5,10,20,50,100", help="n for the validation table")
     ap.add_argument("--flow-steps", type=int, default=10)
+    ap.add_argument("--texts", nargs="*", default=[],
+                    help=f"also the loss at n = 10 on the first {TEXT_BYTES} bytes of these files")
     args = ap.parse_args()
     model, fp, _ = load_weights(args.model)
     out = Path(args.out)
@@ -116,6 +133,10 @@ def main():
         print(f"| {n} | {res[f'val_n{n}']:.3f} | {res[f'val_rec{n}']:.3f} | {res[f'val_total{n}']:.3f} |")
     print(f"| continuous time | {res['val_cont']:.3f} | | |")
     assert math.isfinite(res["val_cont"])
+    if args.texts:
+        print("\n| file | total at n = 10 | continuous time |\n|---|---|---|")
+        for name, (total, cont) in on_texts(model, args.texts).items():
+            print(f"| {name} | {total:.3f} | {cont:.3f} |")
 
 
 if __name__ == "__main__":
