@@ -47,6 +47,11 @@ def prob_of_one(logit):
     return np.clip(np.round(p / PROB_STEP) * PROB_STEP, PROB_STEP, 1.0 - PROB_STEP)
 
 
+def _gaussian_bits(std):
+    """Entropy in bits of a Gaussian of this std (in grid units) on unit bins."""
+    return math.log2(std * math.sqrt(2 * math.pi * math.e))
+
+
 class Schedule:
     """Steps, accuracies and integer grids for n steps (sec. 6.8); r grid bins per receiver sigma."""
 
@@ -73,10 +78,9 @@ class Schedule:
     def pop_bits(self, i):
         """Bits per variable the encoder pops at step i before the step's pushes (entropies
         of the discretised Gaussians, the component as a full bit); i = n + 1: the top."""
-        h = lambda std: math.log2(std * math.sqrt(2 * math.pi * math.e))
         if i == self.n + 1:
-            return h(math.sqrt(4 * self.beta[self.n]) / self.grid[self.n])
-        return (h(self.bridge_std(i) / self.grid[i - 1]) if i > 1 else 0.0) + 1.0
+            return _gaussian_bits(math.sqrt(4 * self.beta[self.n]) / self.grid[self.n])
+        return (_gaussian_bits(self.bridge_std(i) / self.grid[i - 1]) if i > 1 else 0.0) + 1.0
 
     def whiten_words(self, i, D):
         """16-bit words whitened before step i's pops (i = n + 1: the top) for D variables:
@@ -90,7 +94,7 @@ class Schedule:
         for i in range(self.n + 1, 0, -1):
             peak = min(peak, run - 16 * self.whiten_words(i, D) / D)
             if i <= self.n:
-                run += math.log2(self.r * math.sqrt(2 * math.pi * math.e)) + 1.0
+                run += _gaussian_bits(self.r) + 1.0      # the step's receiver push and component
             run -= self.pop_bits(i)
         return -peak
 
