@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bfn_codec.model import Block
+from bfn_codec.layers import Block
 from bfn_codec.train import DATA, read_text, sequence_batch
 
 

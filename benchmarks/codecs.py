@@ -122,7 +122,7 @@ class Bfn(Codec):
     def compress(self, data):
         blob, stats = self.codec.compress(data, model_path=self.model_path, steps=self.steps, workers=self.workers,
                                           fallback=False)
-        self.stats = {"expected_bits": self.codec.expected_bits(stats), "model_bits": stats["model_bits"],
+        self.stats = {"expected_bits": self.codec.expected_bits(stats), "model_bits": stats.model_bits,
                       "excess_bits": self.codec.coder_excess_bits(stats)}
         return blob
 

@@ -9,14 +9,14 @@ import time
 
 import torch
 
-from bfn_codec.model import BFNNet, ModelConfig
+from bfn_codec.model import ModelConfig, build
 from bfn_codec.train import TrainConfig, loss_per_byte
 
 
 def measure(cfg, tcfg, steps, threads, bf16, compile_):
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    net = BFNNet(cfg)
+    net = build(cfg)
     fwd = torch.compile(net) if compile_ else net
     if compile_:
         fwd.context = net.context

@@ -20,7 +20,7 @@ LN2 = math.log(2.0)
 
 def beta(t, beta1):
     """Accuracy schedule beta(t) = beta1 t^2 (sec. 6.8)."""
-    return beta1 * t * t
+    return beta1 * (t * t)
 
 
 def alpha(i, n, beta1):
@@ -46,13 +46,14 @@ def flow_sample(x, t, beta1, K, generator=None):
     return sender_sample(x, beta(t, beta1), K, generator)
 
 
-def continuous_loss(log_p, x, t, beta1):
+def continuous_loss(probs, x, t, beta1):
     """L^inf(x) = K beta1 t ||e_x - e_hat(theta, t)||^2, summed over variables (sec. 6.10).
 
-    log_p: log p_O of shape (B, ..., V, K); t: (B, ...) times matching the leading dims.
+    probs: e_hat, the output probabilities of every variable, (B, ..., V, K); t: (B, ...)
+    times matching the leading dims.
     """
-    K = log_p.shape[-1]
-    err = (F.one_hot(x, K).float() - log_p.float().exp()).pow(2).sum(-1)
+    K = probs.shape[-1]
+    err = (F.one_hot(x, K).float() - probs).pow(2).sum(-1)
     t = t.reshape(t.shape + (1,) * (err.dim() - t.dim()))
     return (K * beta1 * t * err).flatten(1).sum(1)
 
@@ -115,18 +116,23 @@ def bits(nats):
     return nats / LN2
 
 
+def draw_categorical(log_p, generator=None):
+    """One class per variable from independent categoricals: (..., K) -> (...)."""
+    K = log_p.shape[-1]
+    return torch.multinomial(log_p.exp().reshape(-1, K), 1, generator=generator).reshape(log_p.shape[:-1])
+
+
 @torch.no_grad()
-def sample(net, shape, n, beta1, K, generator=None):
+def sample(net, shape, n, beta1, K, generator=None, draw=draw_categorical):
     """n-step generation (sec. 6.11): draw k ~ p_O, then y ~ p_S(. | k), update, repeat.
 
-    net(z, t) -> log p_O with t a float tensor of shape (B,); shape = (B, ..., V).
+    net(z, t) -> log p_O with t a float tensor of shape (B,); shape = (B, ..., V);
+    draw(log_p, generator) -> variables of that shape (an output family's `draw`).
     """
     B = shape[0]
     z = torch.zeros(shape + (K,))
     for i in range(1, n + 1):
         t = torch.full((B,), (i - 1) / n)
-        log_p = net(z, t)
-        k = torch.multinomial(log_p.exp().reshape(-1, K), 1, generator=generator).reshape(shape)
+        k = draw(net(z, t), generator)
         z = z + sender_sample(k, alpha(i, n, beta1), K, generator)
-    log_p = net(z, torch.ones(B))
-    return torch.multinomial(log_p.exp().reshape(-1, K), 1, generator=generator).reshape(shape)
+    return draw(net(z, torch.ones(B)), generator)

@@ -197,10 +197,10 @@ def _report(src, size, out_size, stats, seconds):
     from .codec import coder_excess_bits, expected_bits
     n = max(size, 1)
     line = f"{src} : {size} -> {out_size} bytes ({100 * out_size / n:.2f}%), {8 * out_size / n:.4f} bits/byte"
-    if stats["coded_bits"]:
-        model = expected_bits(stats) / 8 + stats["other_bytes"]
+    if stats.coded_bits:
+        model = expected_bits(stats) / 8 + stats.other_bytes
         excess = coder_excess_bits(stats) / 8
-        coder = 100 * excess / (stats["model_bits"] / 8) if stats["model_bits"] else 0.0
+        coder = 100 * excess / (stats.model_bits / 8) if stats.model_bits else 0.0
         line += (f"; model {8 * model / n:.4f} bits/byte ({model:.0f} bytes), overhead {out_size - model:+.0f} "
                  f"bytes: coder {coder:+.2f}%, fixed {out_size - model - excess:.0f} bytes")
     return line + f"; {size / 1024 / max(seconds, 1e-9):.2f} KB/s"

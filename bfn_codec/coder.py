@@ -1,13 +1,17 @@
-"""Bits-back coding of a binary-variable BFN on one constriction ANS stack.
+"""Bits-back coding of a BFN over binary variables on one constriction ANS stack.
 
-Each variable is coded through its informative coordinate s = z_1 - z_0 (K = 2):
+Each variable (a bit of a byte) is coded through its informative coordinate s = z_1 - z_0:
 
     top      q(s_n | x)        = N(2 beta_n c, 4 beta_n),                   c = 2x - 1
     bridge   q(s_{i-1} | s_i)  = N(s_i beta_{i-1}/beta_i, 4 beta_{i-1} alpha_i / beta_i)
     receiver p(s_i | s_{i-1})  = sum_c w_c N(s_{i-1} + 2 alpha_i c, 4 alpha_i)
     output   p(x | s_n)        = Bernoulli(p_O(x = 1 | theta_n, t = 1))
 
-(the flow, sender and receiver of sec. 6 in one coordinate). Each piece is a push/pop
+(the flow, sender and receiver of sec. 6 in one coordinate). The component weights w_c
+come from the output family (`Bits`, `Bytes` below): independent bits give them directly;
+a joint 256-way byte gives them by the chain rule, coordinate d of every byte under the
+joint's posterior given the byte's coordinates 0..d-1 already coded at this step (the same
+for the output p(x | s_n), with those coordinates known exactly). Each piece is a push/pop
 pair: `pop` is the exact inverse of `push` on the stack. The encoder of a chunk pops
 s_n, pushes x, then for i = n..2 pops s_{i-1} from the bridge and pushes s_i under the
 receiver, and finally pushes s_1; the decoder runs the exact reverse. Pushing under the
@@ -19,12 +23,14 @@ Determinism: every number handed to constriction is a function of integers and o
 network's output *after* `quantise_logit`, computed the same way on both sides. s_i
 lives on the integer grid s_i = S_i * grid_i; probabilities are rounded to 2^-20.
 """
+import dataclasses
 import math
 
 import numpy as np
 import constriction
+import torch
 
-from .bfn import _GH_NODES, _GH_WEIGHTS
+from . import bfn
 
 _model = constriction.stream.model
 AnsCoder = constriction.stream.stack.AnsCoder
@@ -58,8 +64,8 @@ class Schedule:
     def __init__(self, n, beta1, r=4.0):
         self.n, self.beta1, self.r = n, float(beta1), float(r)
         i = np.arange(n + 1)
-        self.beta = beta1 * (i / n) ** 2
-        self.alpha = np.concatenate([[0.0], beta1 * (2 * i[1:] - 1) / n ** 2])
+        self.beta = bfn.beta(i / n, beta1)
+        self.alpha = np.concatenate([[0.0], bfn.alpha(i[1:], n, beta1)])
         self.grid = np.concatenate([[1.0], np.sqrt(4 * self.alpha[1:]) / r])
         # Push ranges for the receiver: wide enough for any value the tight pops can give.
         bound = np.zeros(n + 1)          # largest |s_i| reachable
@@ -75,7 +81,7 @@ class Schedule:
     def t(self, i):
         return i / self.n
 
-    def pop_bits(self, i):
+    def expected_pop_bits(self, i):
         """Bits per variable the encoder pops at step i before the step's pushes (entropies
         of the discretised Gaussians, the component as a full bit); i = n + 1: the top."""
         if i == self.n + 1:
@@ -85,7 +91,7 @@ class Schedule:
     def whiten_words(self, i, D):
         """16-bit words whitened before step i's pops (i = n + 1: the top) for D variables:
         what the step is expected to pop, and a margin."""
-        return math.ceil(D * self.pop_bits(i) / 16) + WHITEN_MARGIN
+        return math.ceil(D * self.expected_pop_bits(i) / 16) + WHITEN_MARGIN
 
     def peak_pop_bits(self, D):
         """Bits per variable that a chunk of D variables pops before its pushes catch up
@@ -95,7 +101,7 @@ class Schedule:
             peak = min(peak, run - 16 * self.whiten_words(i, D) / D)
             if i <= self.n:
                 run += _gaussian_bits(self.r) + 1.0      # the step's receiver push and component
-            run -= self.pop_bits(i)
+            run -= self.expected_pop_bits(i)
         return -peak
 
     def bridge_std(self, i):
@@ -225,7 +231,109 @@ def pop_receiver(coder, sch, i, s_prev, logit):
     return S_i
 
 
+# ---- output families at coding time: the component log-odds of every coordinate ----
+
+class Bits:
+    """families.Bits: independent bits; the network gives every coordinate's log-odds."""
+    name = "bits"
+
+    @staticmethod
+    def from_network(log_p):
+        """log p_O (..., V, 2) -> quantised log-odds (D,)."""
+        return quantise_logit((log_p[..., 1] - log_p[..., 0]).reshape(-1).numpy())
+
+    def groups(self, D):
+        return [slice(None)]
+
+    def start(self, out):
+        return out
+
+    def logit(self, state, g):
+        return state[g]
+
+    def observe(self, state, g, evidence):
+        return state
+
+    fix = observe
+
+    def step_bits(self, logits, groups, x, u, acc):
+        """The step's expected code length given its receiver (quadrature over the sender)."""
+        return kl_bits(logits[0], x, acc)
+
+
+class Bytes:
+    """families.Bytes: one joint 256-way output per byte, coded coordinate by coordinate.
+
+    Group d holds coordinate d of every byte. The state is the joint's log-weights (N, 256),
+    updated by each coded coordinate: by its evidence u b_d at a receiver step (the
+    likelihood ratio of a component, sec. 6.7), or by the bit itself at the output."""
+    name = "bytes"
+    TABLE = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).astype(bool)   # (256, 8)
+
+    @staticmethod
+    def from_network(log_p):
+        """log p_O (..., 256) -> quantised log-weights (N, 256)."""
+        return quantise_logit(log_p.reshape(-1, 256).numpy())
+
+    def groups(self, D):
+        return [slice(d, None, 8) for d in range(8)]
+
+    def start(self, out):
+        return out
+
+    def logit(self, state, g):
+        column = self.TABLE[:, g.start]
+        return quantise_logit(_logsumexp(state[:, column]) - _logsumexp(state[:, ~column]))
+
+    def observe(self, state, g, evidence):
+        return state + evidence[:, None] * self.TABLE[:, g.start]
+
+    def fix(self, state, g, bits):
+        return np.where(self.TABLE[:, g.start][None, :] == (bits[:, None] == 1), state, -np.inf)
+
+    def step_bits(self, logits, groups, x, u, acc):
+        """The step's code length on this trajectory: log q(u | x) - log p_R(u), coordinate by
+        coordinate, -log(w + (1 - w) e^{-u c}) with w the receiver's weight of the true sign c."""
+        total = 0.0
+        for g, logit in zip(groups, logits):
+            c = 2 * x[g] - 1
+            total += float(-np.logaddexp(-np.logaddexp(0.0, -c * logit),
+                                         -np.logaddexp(0.0, c * logit) - u[g] * c).sum())
+        return total / math.log(2)
+
+
+def _logsumexp(a):
+    top = a.max(1)
+    return top + np.log(np.exp(a - top[:, None]).sum(1))
+
+
+FAMILIES = {"bits": Bits, "bytes": Bytes}
+
+
+def bytes_to_bits(data):
+    """uint8 bytes -> their binary variables, most significant bit first (int64)."""
+    return np.unpackbits(np.asarray(data, dtype=np.uint8)).astype(np.int64)
+
+
+def bits_to_bytes(bits):
+    return np.packbits(np.asarray(bits, dtype=np.uint8))
+
+
 # ---- a chunk: the whole n-step transmission ----
+
+@dataclasses.dataclass
+class Stats:
+    """Code lengths of coded frames, in bits (see codec.compress)."""
+    model_bits: float = 0.0    # the model's loss on the bits-back chunks' trajectories
+    direct_bits: float = 0.0   # what the directly coded tail chunks cost
+    direct_bytes: int = 0      # their length
+    coded_bits: float = 0.0    # what the ANS stacks hold
+    bfn_bytes: int = 0         # bytes coded bits-back
+    other_bytes: int = 0       # payload of frames stored raw or as xz
+
+    def __add__(self, other):
+        return Stats(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
+
 
 def nll_bits(logit, x):
     """-log2 p(x) under Bernoulli(sigmoid(logit)), summed."""
@@ -233,59 +341,99 @@ def nll_bits(logit, x):
 
 
 def kl_bits(logit, x, acc):
-    """Expected bits of one step given this step's receiver (quadrature, as bfn.step_kl_binary)."""
-    log_w = -np.logaddexp(0.0, -np.where(x == 1, logit, -logit))
-    log_not = -np.logaddexp(0.0, np.where(x == 1, logit, -logit))
-    other = log_not[:, None] - 2 * acc - 2 * math.sqrt(acc) * _GH_NODES[None, :]
-    return float(-(np.logaddexp(log_w[:, None], other) @ _GH_WEIGHTS).sum() / math.log(2))
+    """Expected bits of one step given this step's receiver (bfn.step_kl_binary, summed)."""
+    log_p = torch.nn.functional.logsigmoid(torch.from_numpy(np.stack([-logit, logit], -1)))
+    kl = bfn.step_kl_binary(log_p, torch.from_numpy(np.asarray(x, dtype=np.int64)), acc)
+    return float(kl.double().sum()) / math.log(2)
 
 
-def encode_chunk(coder, sch, x, predict, key, stats=None):
-    """Push the binary variables x (D,) onto the stack. predict(s, t) -> quantised logits (D,);
-    key: the chunk's number, which seeds the whitening before each step's pops."""
+def _chain(family, out, groups, values, update):
+    """The conditional log-odds of every group, given the groups before it (encoder side)."""
+    state, logits = family.start(out), []
+    for g in groups:
+        logits.append(family.logit(state, g))
+        state = update(state, g, values[g])
+    return logits
+
+
+def push_symbols(coder, family, out, x):
+    """Push the bits x (D,) under the family's output distribution `out`; -> their code length."""
+    groups = family.groups(len(x))
+    logits = _chain(family, out, groups, x, family.fix)
+    for g, logit in reversed(list(zip(groups, logits))):
+        push_bits(coder, x[g], prob_of_one(logit))
+    return sum(nll_bits(logit, x[g]) for g, logit in zip(groups, logits))
+
+
+def pop_symbols(coder, family, out, D):
+    state, x = family.start(out), np.zeros(D, dtype=np.int64)
+    for g in family.groups(D):
+        x[g] = pop_bits(coder, prob_of_one(family.logit(state, g)))
+        state = family.fix(state, g, x[g])
+    return x
+
+
+def push_step(coder, family, sch, i, S_i, s_prev, out):
+    """Push S_i under step i's receiver given s_{i-1}, a group of coordinates at a time;
+    -> the conditional log-odds used, the evidence u = s_i - s_{i-1}."""
+    groups = family.groups(len(S_i))
+    u = S_i * sch.grid[i] - s_prev
+    logits = _chain(family, out, groups, u, family.observe)
+    for g, logit in reversed(list(zip(groups, logits))):
+        push_receiver(coder, sch, i, S_i[g], s_prev[g], logit)
+    return logits, groups, u
+
+
+def pop_step(coder, family, sch, i, s_prev, out):
+    state, S_i = family.start(out), np.zeros(len(s_prev), dtype=np.int64)
+    for g in family.groups(len(s_prev)):
+        S_i[g] = pop_receiver(coder, sch, i, s_prev[g], family.logit(state, g))
+        state = family.observe(state, g, S_i[g] * sch.grid[i] - s_prev[g])
+    return S_i
+
+
+def encode_chunk(coder, sch, family, x, predict, key, stats=None):
+    """Push the binary variables x (D,) onto the stack. predict(s, t) -> the family's
+    quantised output; key: the chunk's number, which seeds the whitening before each step's pops."""
     n = sch.n
     _whiten_step(coder, sch, key, n + 1, len(x))
     S = pop_top(coder, sch, x)
-    logit = predict(S * sch.grid[n], 1.0)
-    push_bits(coder, x, prob_of_one(logit))
-    if stats is not None:
-        stats["model_bits"] += nll_bits(logit, x)
+    bits = push_symbols(coder, family, predict(S * sch.grid[n], 1.0), x)
     for i in range(n, 0, -1):
         _whiten_step(coder, sch, key, i, len(x))
         S_prev = pop_bridge(coder, sch, i, S) if i > 1 else np.zeros_like(S)
         s_prev = S_prev * sch.grid[i - 1] if i > 1 else np.zeros(len(S))
-        logit = predict(s_prev, sch.t(i - 1))
-        push_receiver(coder, sch, i, S, s_prev, logit)
+        logits, groups, u = push_step(coder, family, sch, i, S, s_prev, predict(s_prev, sch.t(i - 1)))
         if stats is not None:
-            stats["model_bits"] += kl_bits(logit, x, sch.alpha[i])
+            bits += family.step_bits(logits, groups, x, u, sch.alpha[i])
         S = S_prev
-
-
-def encode_direct(coder, x, predict, stats=None):
-    """Push x (D,) under the network's t = 0 prediction from context alone: no bits-back."""
-    logit = predict(np.zeros(len(x)), 0.0)
-    push_bits(coder, x, prob_of_one(logit))
     if stats is not None:
-        stats["direct_bits"] += nll_bits(logit, x)
-        stats["direct_bytes"] += len(x) // 8
+        stats.model_bits += bits
 
 
-def decode_direct(coder, D, predict):
-    return pop_bits(coder, prob_of_one(predict(np.zeros(D), 0.0)))
-
-
-def decode_chunk(coder, sch, D, predict, key):
+def decode_chunk(coder, sch, family, D, predict, key):
     """Pop D binary variables: the exact reverse of encode_chunk."""
     n = sch.n
     S_prev, s_prev = None, np.zeros(D)
     for i in range(1, n + 1):
-        logit = predict(s_prev, sch.t(i - 1))
-        S = pop_receiver(coder, sch, i, s_prev, logit)
+        S = pop_step(coder, family, sch, i, s_prev, predict(s_prev, sch.t(i - 1)))
         if i > 1:
             push_bridge(coder, sch, i, S_prev, S)
         _whiten_step(coder, sch, key, i, D)
         S_prev, s_prev = S, S * sch.grid[i]
-    x = pop_bits(coder, prob_of_one(predict(s_prev, 1.0)))
+    x = pop_symbols(coder, family, predict(s_prev, 1.0), D)
     push_top(coder, sch, S_prev, x)
     _whiten_step(coder, sch, key, n + 1, D)
     return x
+
+
+def encode_direct(coder, family, x, predict, stats=None):
+    """Push x (D,) under the network's t = 0 prediction from context alone: no bits-back."""
+    bits = push_symbols(coder, family, predict(np.zeros(len(x)), 0.0), x)
+    if stats is not None:
+        stats.direct_bits += bits
+        stats.direct_bytes += len(x) // 8
+
+
+def decode_direct(coder, family, D, predict):
+    return pop_symbols(coder, family, predict(np.zeros(D), 0.0), D)

@@ -1,4 +1,7 @@
-"""The .bfn file format (version 2). All integers little-endian.
+"""The .bfn file format (versions 2 and 3). All integers little-endian.
+
+Version 2 files are coded with a model whose output is independent bits; version 3 with a
+joint 256-way output per byte (coder.Bytes). The layout is the same.
 
     magic      4  b"BFN\\x1a"
     version    1
@@ -11,17 +14,24 @@
     length     8  original length in bytes
     crc        4  zlib.crc32 of the original
     frames     4  number of frames
-    per frame: method 1 (0 stored, 1 bfn, 2 xz), raw length 4, tail chunks 4, payload length 4, crc32 of the frame's bytes 4
+    per frame: method 1 (0 stored, 1 bits-back, 2 xz), raw length 4, tail chunks 4, payload length 4,
+               crc32 of the frame's bytes 4
     header_crc 4  zlib.crc32 of everything above
     payloads      the frames' payloads, in order; nothing may follow
 """
 import dataclasses
+import enum
 import struct
 import zlib
 
 
 MAGIC = b"BFN\x1a"
-VERSION = 2            # 2: whitening before the pops of every step (coder.whiten)
+VERSIONS = {"bits": 2, "bytes": 3}     # by output family; 2 whitens before the pops of every step
+
+
+def version_for(output):
+    """The format version of files coded with a model of this output family."""
+    return VERSIONS[output]
 _HEAD = struct.Struct("<4sB16sHBHHIQII")
 _FRAME = struct.Struct("<BIIII")
 _CRC = struct.Struct("<I")
@@ -35,21 +45,25 @@ class CorruptError(FormatError):
     """The stream cannot be decoded to the bytes it was made from."""
 
 
-STORED, BFN, LZMA = 0, 1, 2     # frame methods
+class Method(enum.IntEnum):
+    """How a frame's payload is coded."""
+    STORED = 0
+    BITS_BACK = 1
+    XZ = 2
 
 
 @dataclasses.dataclass
 class Frame:
-    method: int               # STORED, BFN or LZMA
+    method: Method
     raw_len: int
-    tail_chunks: int          # BFN frames: how many last chunks were coded directly
+    tail_chunks: int          # bits-back frames: how many last chunks were coded directly
     payload: bytes
-    stats: dict = dataclasses.field(default_factory=dict)   # encoder only: code lengths, see codec.compress
+    stats: object = None      # encoder only, bits-back frames: coder.Stats
 
 
 @dataclasses.dataclass
 class Header:
-    model: str
+    model: str                # the model's fingerprint
     steps: int
     bins: int
     chunk_len: int
@@ -57,10 +71,11 @@ class Header:
     frame_size: int
     length: int
     crc: int
+    version: int = VERSIONS["bits"]
 
 
 def pack(header, frames, frame_crcs):
-    head = _HEAD.pack(MAGIC, VERSION, header.model.encode("ascii"), header.steps, header.bins,
+    head = _HEAD.pack(MAGIC, header.version, header.model.encode("ascii"), header.steps, header.bins,
                       header.chunk_len, header.context_len, header.frame_size, header.length,
                       header.crc, len(frames))
     head += b"".join(_FRAME.pack(f.method, f.raw_len, f.tail_chunks, len(f.payload), c)
@@ -76,27 +91,30 @@ def unpack(blob):
         raise FormatError("truncated .bfn file (header)")
     magic, version, model, steps, bins, chunk, context, frame_size, length, crc, n_frames = \
         _HEAD.unpack_from(blob)
-    if version != VERSION:
-        raise FormatError(f"unsupported .bfn format version {version} (this program reads version {VERSION})")
+    if version not in VERSIONS.values():
+        raise FormatError(f"unsupported .bfn format version {version} (this program reads versions "
+                          f"{', '.join(map(str, sorted(VERSIONS.values())))})")
     table_end = _HEAD.size + n_frames * _FRAME.size
     if len(blob) < table_end + _CRC.size:
         raise FormatError("truncated .bfn file (frame table)")
     if _CRC.unpack_from(blob, table_end)[0] != zlib.crc32(blob[:table_end]):
         raise FormatError("corrupted .bfn file (header checksum mismatch)")
     try:
-        header = Header(model.decode("ascii"), steps, bins, chunk, context, frame_size, length, crc)
+        header = Header(model.decode("ascii"), steps, bins, chunk, context, frame_size, length, crc, version)
     except UnicodeDecodeError:
         raise FormatError("corrupted .bfn file (model fingerprint)") from None
     frames, crcs, pos = [], [], table_end + _CRC.size
     for k in range(n_frames):
-        method, raw_len, prefix, size, fcrc = _FRAME.unpack_from(blob, _HEAD.size + k * _FRAME.size)
+        method, raw_len, tail_chunks, size, fcrc = _FRAME.unpack_from(blob, _HEAD.size + k * _FRAME.size)
         if pos + size > len(blob):
             raise FormatError("truncated .bfn file (frame data)")
-        frames.append(Frame(method, raw_len, prefix, blob[pos:pos + size]))
+        if method not in Method.__members__.values():
+            raise FormatError("corrupted .bfn file (frame table)")
+        frames.append(Frame(Method(method), raw_len, tail_chunks, blob[pos:pos + size]))
         crcs.append(fcrc)
         pos += size
     if pos != len(blob):
         raise FormatError("corrupted .bfn file (trailing data after the last frame)")
-    if sum(f.raw_len for f in frames) != length or any(f.method not in (STORED, BFN, LZMA) for f in frames):
+    if sum(f.raw_len for f in frames) != length:
         raise FormatError("corrupted .bfn file (frame table)")
     return header, frames, crcs

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import bfn
-from .model import BFNNet, ModelConfig, to_vars
+from . import bfn, families
+from .model import ModelConfig, build
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "train"
 
@@ -25,7 +25,7 @@ DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "train"
 class TrainConfig:
     data_dir: str = str(DATA)
     code_fraction: float = 0.0     # share of sequences drawn from code.txt.xz
-    loss: str = "continuous"       # "continuous" (L^inf) or "discrete" (L^n at n_steps, + L^r)
+    loss: str = "continuous"       # "continuous" (L^inf), "discrete" (L^n at n_steps, + L^r) or "ce" (t = 0 only)
     n_steps: int = 10              # n for the discrete loss and for validation
     aux_ce: float = 0.0            # weight of an extra cross-entropy of p_O at t = 0 (context only)
     batch_size: int = 32
@@ -54,64 +54,74 @@ def sequence_batch(data, rng, batch, length):
     return torch.from_numpy(np.stack([data[s:s + length] for s in starts]).astype(np.int64))
 
 
-def split_chunks(x, cfg):
-    """(B, W + L) symbols -> clean context (B, W) and variables of C chunks (B, C, L, V)."""
-    C = cfg.context_len // cfg.chunk_len + 1
-    ctx = x[:, :cfg.context_len]
-    return ctx, to_vars(x.reshape(len(x), C, cfg.chunk_len), cfg)
+def step_times(step, n):
+    """Steps i = 1..n + 1 of the discrete-time loss -> the time t_{i-1} their input is taken at."""
+    return ((step - 1) / n).clamp(max=1.0)
 
 
 def loss_per_byte(net, x, tcfg, generator, t=None, step=None):
-    """Training loss in nats per byte for a batch x (B, W + L); t or step may be given (tests)."""
-    cfg = net.cfg
-    ctx, v = split_chunks(x, cfg)
+    """Training loss in nats per byte for a batch x (B, seq_len); t or step may be given (tests).
+
+    continuous: L^inf with stratified t (sec. 6.10); discrete: L^n + L^r at n = n_steps, one
+    sampled step per chunk (sec. 6.9); ce: -log p_O(x) at t = 0 (the autoregressive reference,
+    whose n-step code length is this cross-entropy at any n)."""
+    cfg, family = net.cfg, net.family
+    clean, v = net.split(x)
     B, C = v.shape[:2]
-    cache = net.context(ctx) if cfg.context_len else None
+    context = net.context(clean)
     if tcfg.loss == "continuous":
         if t is None:   # stratified over the batch: lower variance than i.i.d. times
             u = torch.rand(B, C, generator=generator)
             t = (torch.randperm(B * C, generator=generator).reshape(B, C) + u) / (B * C)
         z = bfn.flow_sample(v, t, cfg.beta1, cfg.K, generator)
-        loss = bfn.continuous_loss(net(z, t, cache), v, t, cfg.beta1)
-    else:
+        loss = families.continuous_loss(family, net(z, t, context), v, t, cfg.beta1)
+    elif tcfg.loss == "discrete":
         n = tcfg.n_steps
         if step is None:  # steps 1..n are the KL terms, n + 1 the reconstruction
             step = torch.randint(1, n + 2, (B, C), generator=generator)
-        t = ((step - 1) / n).clamp(max=1.0)
+        t = step_times(step, n)
         z = bfn.flow_sample(v, t, cfg.beta1, cfg.K, generator)
-        log_p = net(z, t, cache)
-        kl = bfn.step_kl(log_p, v, bfn.alpha(step.float(), n, cfg.beta1), generator)
-        rec = -log_p.float().gather(-1, v.unsqueeze(-1)).squeeze(-1)
-        per_var = torch.where((step > n)[..., None, None], rec, kl)
-        loss = (n + 1) * per_var.flatten(1).sum(1)
+        log_p = net(z, t, context)
+        kl = family.step_kl(log_p, v, bfn.alpha(step.float(), n, cfg.beta1), generator)
+        per_byte = torch.where((step > n)[..., None], family.reconstruction(log_p, v), kl)
+        loss = (n + 1) * per_byte.flatten(1).sum(1)
+    else:
+        loss = _loss_at_start(net, v, context).flatten(1).sum(1)
     if tcfg.aux_ce:
-        zeros = torch.zeros(v.shape + (cfg.K,))
-        loss = loss + tcfg.aux_ce * bfn.reconstruction_loss(net(zeros, torch.zeros(B, C), cache), v)
+        loss = loss + tcfg.aux_ce * _loss_at_start(net, v, context).flatten(1).sum(1)
     return loss.mean() / (C * cfg.chunk_len)
+
+
+def _loss_at_start(net, v, context):
+    """-log p_O(x | theta_0, t = 0) per byte: the prediction from the context alone."""
+    B, C = v.shape[:2]
+    z = torch.zeros(v.shape + (net.cfg.K,))
+    return net.family.reconstruction(net(z, torch.zeros(B, C), context), v)
 
 
 @torch.no_grad()
 def evaluate(net, val, tcfg, n_list=None):
     """Validation in bits per byte: L^inf (stratified t), and for each n: L^n, L^r and their sum."""
-    cfg = net.cfg
-    S = cfg.context_len + cfg.chunk_len
+    cfg, family = net.cfg, net.family
+    S = net.seq_len
     x = torch.from_numpy(val[:len(val) // S * S].astype(np.int64)).reshape(-1, S)
     g = torch.Generator().manual_seed(1234)
-    ctx, v = split_chunks(x, cfg)
+    clean, v = net.split(x)
     B, C = v.shape[:2]
-    cache = net.context(ctx) if cfg.context_len else None
-    nbytes = B * C * cfg.chunk_len
+    context = net.context(clean)
+    nbytes = v.shape[:3].numel()
     t = (torch.arange(B * C).reshape(B, C).remainder(64) + torch.rand(B, C, generator=g)) / 64
     z = bfn.flow_sample(v, t, cfg.beta1, cfg.K, g)
-    out = {"val_cont": bfn.bits(bfn.continuous_loss(net(z, t, cache), v, t, cfg.beta1).sum().item()) / nbytes}
+    cont = families.continuous_loss(family, net(z, t, context), v, t, cfg.beta1)
+    out = {"val_cont": bfn.bits(cont.sum().item()) / nbytes}
     for n in n_list or [tcfg.n_steps]:
         total = 0.0
         for i in range(1, n + 1):
             t = torch.full((B, C), (i - 1) / n)
             z = bfn.flow_sample(v, t, cfg.beta1, cfg.K, g)
-            total += bfn.step_kl(net(z, t, cache), v, bfn.alpha(i, n, cfg.beta1), g).sum().item()
+            total += family.step_kl(net(z, t, context), v, bfn.alpha(i, n, cfg.beta1), g).sum().item()
         z = bfn.flow_sample(v, torch.ones(B, C), cfg.beta1, cfg.K, g)
-        rec = bfn.reconstruction_loss(net(z, torch.ones(B, C), cache).flatten(1, 2), v.flatten(1, 2)).sum().item()
+        rec = family.reconstruction(net(z, torch.ones(B, C), context), v).sum().item()
         out[f"val_n{n}"] = bfn.bits(total) / nbytes
         out[f"val_rec{n}"] = bfn.bits(rec) / nbytes
         out[f"val_total{n}"] = out[f"val_n{n}"] + out[f"val_rec{n}"]
@@ -139,8 +149,8 @@ class Trainer:
         if tcfg.threads:
             torch.set_num_threads(tcfg.threads)
         torch.manual_seed(tcfg.seed)
-        self.net = BFNNet(mcfg)
-        self.ema = BFNNet(mcfg)
+        self.net = build(mcfg)
+        self.ema = build(mcfg)
         self.ema.load_state_dict(self.net.state_dict())
         self.ema.requires_grad_(False)
         decay = [p for n, p in self.net.named_parameters() if p.dim() >= 2 and "emb" not in n]
@@ -167,7 +177,7 @@ class Trainer:
         self.val_data = read_text(d / "valid.txt.xz", off + self.tcfg.val_bytes)[off:]
 
     def batch(self):
-        S = self.mcfg.context_len + self.mcfg.chunk_len
+        S = self.net.seq_len
         B = self.tcfg.batch_size
         n_code = int(self.rng.binomial(B, self.tcfg.code_fraction)) if self.code_data is not None else 0
         parts = [sequence_batch(self.train_data, self.rng, B - n_code, S)]
@@ -239,8 +249,8 @@ class Trainer:
             metrics = evaluate(self.ema, self.val_data, self.tcfg)
         record = {"step": self.step, "bytes": self.bytes_seen, "minutes": self.train_seconds / 60,
                   "train_bpb": bfn.bits(float(np.mean(losses))) if losses else None,
-                  "bytes_per_s": (len(losses) * self.tcfg.batch_size *
-                                  (self.mcfg.context_len + self.mcfg.chunk_len) / seconds) if seconds else None,
+                  "bytes_per_s": (len(losses) * self.tcfg.batch_size * self.net.seq_len / seconds)
+                  if seconds else None,
                   **metrics, "eval_seconds": time.time() - t0}
         self.log(record)
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in record.items()}),

@@ -8,6 +8,8 @@ from bfn_codec.model import ModelConfig, save_weights
 from bfn_codec.train import TrainConfig, Trainer
 
 TINY = ModelConfig(d_model=64, n_layers=2, n_heads=4, chunk_len=16, context_len=32, beta1=3.0, rope=True)
+TINY_SAR = ModelConfig(arch="sar", output="bytes", d_model=64, n_layers=2, n_heads=4, chunk_len=2, context_len=64,
+                       step_d_model=32, step_layers=1, step_heads=2, beta1=3.0)
 TEXT = (b"The quick brown fox jumps over the lazy dog. " * 40 + b"Pack my box with five dozen liquor jugs!\n") * 30
 
 
@@ -45,6 +47,24 @@ def trained(tmp_path_factory, corpus):
 @pytest.fixture(scope="session")
 def tiny_model(trained):
     return trained[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_sar(tmp_path_factory, corpus):
+    """Weights of a tiny semi-autoregressive model (joint byte output, 2-byte chunks)
+    trained on TEXT with the discrete-time loss."""
+    out = tmp_path_factory.mktemp("sar")
+    trainer = Trainer(out, TINY_SAR, tiny_train_config(corpus, batch_size=8, max_steps=250, loss="discrete"))
+    trainer.run()
+    path = out / "tiny_sar.pt"
+    save_weights(path, trainer.ema)
+    return path
+
+
+@pytest.fixture(params=["tiny_model", "tiny_sar"])
+def any_model(request):
+    """Each tiny model in turn: the chunk design with bit outputs, the sar design with byte outputs."""
+    return request.getfixturevalue(request.param)
 
 
 def cli(*args):

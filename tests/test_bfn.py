@@ -75,7 +75,7 @@ def test_n_step_loss_approaches_continuous_loss():
     for _ in range(20):
         t = (torch.arange(len(x)) + torch.rand(len(x), generator=g)) / len(x)
         z = bfn.flow_sample(x, t, beta1, 2, g)
-        cont += bfn.continuous_loss(net(z, t)[:, None, :], x[:, None], t, beta1).mean().item() / 20
+        cont += bfn.continuous_loss(net(z, t)[:, None, :].exp(), x[:, None], t, beta1).mean().item() / 20
     losses = {n: n_step_loss(net, x, n, beta1, g, reps=max(1, 64 // n)) for n in (1, 2, 4, 64)}
     gap = {n: abs(loss - cont) for n, loss in losses.items()}
     assert gap[64] < 0.01 * cont
@@ -89,7 +89,7 @@ def test_losses_finite_and_non_negative():
         x = torch.randint(0, K, (8, 3, 5), generator=g)
         log_p = torch.log_softmax(3 * torch.randn(8, 3, 5, K, generator=g), -1)
         t = torch.rand(8, 3, generator=g)
-        for loss in (bfn.continuous_loss(log_p, x, t, 3.0), bfn.reconstruction_loss(log_p, x)):
+        for loss in (bfn.continuous_loss(log_p.exp(), x, t, 3.0), bfn.reconstruction_loss(log_p, x)):
             assert torch.isfinite(loss).all() and (loss >= 0).all()
         i = torch.randint(1, 11, (8, 3), generator=g)
         d = bfn.discrete_loss(log_p, x, i, 10, 3.0, g)

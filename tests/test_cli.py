@@ -57,13 +57,13 @@ def test_round_trips_through_fresh_processes(compressed, tiny_model):
         assert (out / name).read_bytes() == data, name
         assert (compressed / name).read_bytes() == data          # inputs are kept
     header, frames, _ = container.unpack((out / "frames.bfn").read_bytes())
-    assert len(frames) == 4 and all(f.method == container.BFN for f in frames)   # several bits-back frames
+    assert len(frames) == 4 and all(f.method == container.Method.BITS_BACK for f in frames)   # several bits-back frames
     assert len((out / "frames.bfn").read_bytes()) < 0.9 * 5000
     # incompressible input is stored, and grows by no more than the header
     assert len((out / "random.bfn").read_bytes()) < 3000 + 200
-    assert [f.method for f in container.unpack((out / "random.bfn").read_bytes())[1]] == [container.STORED] * 2
+    assert [f.method for f in container.unpack((out / "random.bfn").read_bytes())[1]] == [container.Method.STORED] * 2
     # where xz is smaller than the model, a frame is xz
-    assert container.LZMA in [f.method for f in container.unpack((out / "run.bfn").read_bytes())[1]]
+    assert container.Method.XZ in [f.method for f in container.unpack((out / "run.bfn").read_bytes())[1]]
 
 
 def test_worker_and_thread_counts_do_not_change_the_stream(tmp_path, tiny_model):
@@ -203,8 +203,8 @@ def test_bits_back_frames_round_trip_in_process(tiny_model):
     """Force the bits-back path even where storing would win, on awkward inputs."""
     model, _, _ = codec.load_weights(tiny_model)
     pred = codec.Predictor(model)
-    sch = codec.bb.Schedule(6, model.cfg.beta1, 4)
+    sch = codec.coder.Schedule(6, model.cfg.beta1, 4)
     for data in [b"\x00", bytes(range(256)), b"\xff" * 40, CASES["utf8"][:100]]:
         frame = codec.encode_frame(data, pred, sch, fallback=False)
-        assert frame.method == container.BFN
+        assert frame.method == container.Method.BITS_BACK
         assert codec.decode_frame(frame, pred, sch) == data

@@ -36,6 +36,7 @@ def check_push_pop(push, pop, sym):
 
 
 SCH = bb.Schedule(8, 3.0, 4.0)
+BITS, BYTES = bb.Bits(), bb.Bytes()
 RNG = np.random.default_rng(1)
 D = 200
 X = RNG.integers(0, 2, D)
@@ -92,16 +93,16 @@ def test_pops_stay_fresh_under_a_miscalibrated_model(whitened, monkeypatch):
     rng = np.random.default_rng(4)
     sch = bb.Schedule(10, 3.0, 4.0)
     stack = fresh_stack(2000)
-    start, stats = codec.information_bits(stack), {"model_bits": 0.0}
+    start, stats = codec.information_bits(stack), bb.Stats()
     for k in range(40):
-        bb.encode_chunk(stack, sch, (rng.random(512) < 0.9).astype(np.int64), wrong, k, stats)
-    excess = (codec.information_bits(stack) - start) / stats["model_bits"] - 1
+        bb.encode_chunk(stack, sch, BITS, (rng.random(512) < 0.9).astype(np.int64), wrong, k, stats)
+    excess = (codec.information_bits(stack) - start) / stats.model_bits - 1
     assert abs(excess) < 0.015 if whitened else excess > 0.03
 
 
 def test_direct_pair():
     predict = lambda s, t: LOGIT
-    check_push_pop(lambda s, v: bb.encode_direct(s, v, predict), lambda s: bb.decode_direct(s, D, predict), X)
+    check_push_pop(lambda s, v: bb.encode_direct(s, BITS, v, predict), lambda s: bb.decode_direct(s, BITS, D, predict), X)
 
 
 @pytest.mark.parametrize("i", [1, 2, 8])
@@ -125,52 +126,63 @@ def test_chunk_round_trip_restores_the_stack(n):
     before = stack.get_compressed()
     chunks = [RNG.integers(0, 2, 64) for _ in range(3)]
     for k, x in reversed(list(enumerate(chunks))):
-        bb.encode_chunk(stack, sch, x, stand_in, k)
+        bb.encode_chunk(stack, sch, BITS, x, stand_in, k)
     for k, x in enumerate(chunks):
-        assert np.array_equal(bb.decode_chunk(stack, sch, 64, stand_in, k), x)
+        assert np.array_equal(bb.decode_chunk(stack, sch, BITS, 64, stand_in, k), x)
     assert np.array_equal(stack.get_compressed(), before)
 
 
-def test_code_length_matches_the_n_step_loss(tiny_model):
+def test_code_length_matches_the_n_step_loss(any_model):
     """Net stack growth within 1 % of the model's loss on the same trajectory, and within
     3 % of an independent Monte Carlo estimate of the n-step loss (plus reconstruction)."""
-    model, _, _ = load_weights(tiny_model)
-    cfg = model.cfg
-    pred = codec.Predictor(model)
-    n = 10
-    sch = bb.Schedule(n, cfg.beta1, 4.0)
-    data = np.frombuffer(TEXT[:12288], dtype=np.uint8).copy()   # with typos: a few bits per byte
+    model, _, _ = load_weights(any_model)
+    check_code_length(model, typo_text(12288 if model.cfg.chunk_len > 8 else 4096), n=10)
+
+
+def typo_text(size):
+    data = np.frombuffer(TEXT[:size], dtype=np.uint8).copy()   # with typos: a few bits per byte
     rng = np.random.default_rng(7)
     typos = rng.random(len(data)) < 0.1
     data[typos] = rng.integers(97, 123, typos.sum())
+    return data
+
+
+def check_code_length(model, data, n, reps=2, mc_tolerance=0.03):
+    cfg = model.cfg
+    pred = codec.Predictor(model)
+    sch = bb.Schedule(n, cfg.beta1, 4.0)
+    bounds = codec.chunk_bounds(len(data), cfg.chunk_len)
+    contexts = pred.contexts()
+    states = [contexts.advance(data[prev:a]) for prev, (a, _) in zip([0] + [a for a, _ in bounds[:-1]], bounds)]
     stack = fresh_stack(1 << 14)
     start = codec.information_bits(stack)
-    stats = {"model_bits": 0.0}
-    for k, (a, b) in reversed(list(enumerate(codec.chunk_bounds(len(data), cfg.chunk_len)))):
-        bb.encode_chunk(stack, sch, np.unpackbits(data[a:b]).astype(np.int64), pred.for_chunk(data[:a], b - a), k,
+    stats = bb.Stats()
+    for k, (a, b) in reversed(list(enumerate(bounds))):
+        bb.encode_chunk(stack, sch, pred.family, bb.bytes_to_bits(data[a:b]), pred.for_chunk(states[k], b - a), k,
                         stats)
     actual = codec.information_bits(stack) - start
-    assert actual == pytest.approx(stats["model_bits"], rel=0.01)
+    assert actual == pytest.approx(stats.model_bits, rel=0.01)
 
-    # independent estimate: fresh trajectories from the flow, every step's KL by quadrature
-    x = torch.from_numpy(data.astype(np.int64)).reshape(-1, cfg.chunk_len)
+    # independent estimate: fresh trajectories from the flow, every step's KL by the family
     g = torch.Generator().manual_seed(5)
     mc = 0.0
-    reps = 2
     with torch.no_grad():
-        for j in range(len(x)):
-            cache = model.context(x[max(0, j - cfg.context_len // cfg.chunk_len):j].reshape(1, -1)) if j else None
-            v = to_vars(x[j:j + 1], cfg)[:, None].repeat(reps, 1, 1, 1)
-            cache = [(k.expand(reps, -1, -1, -1), vv.expand(reps, -1, -1, -1)) for k, vv in cache] if cache else None
+        for k, (a, b) in enumerate(bounds):
+            context = model.prepare(states[k])
+            v = to_vars(torch.from_numpy(data[a:b].astype(np.int64)), cfg)[None, None].repeat(reps, 1, 1, 1)
+            if context is not None:
+                context = ([(kk.expand(reps, -1, -1, -1), vv.expand(reps, -1, -1, -1)) for kk, vv in context]
+                           if isinstance(context, list) else context.expand(reps, -1, -1))
             for i in range(1, n + 2):
                 t = torch.full((reps, 1), min((i - 1) / n, 1.0), dtype=torch.float64)
                 z = bfn.flow_sample(v, t, cfg.beta1, 2, g).double()
-                log_p = model(z, t, cache)
+                log_p = model(z, t, context)
                 if i <= n:
-                    mc += bfn.step_kl_binary(log_p, v, bfn.alpha(i, n, cfg.beta1)).sum().item() / reps
+                    mc += model.family.step_kl(log_p, v, bfn.alpha(i, n, cfg.beta1), g).sum().item() / reps
                 else:
-                    mc += bfn.reconstruction_loss(log_p.flatten(1, 2), v.flatten(1, 2)).sum().item() / reps
-    assert actual == pytest.approx(bfn.bits(mc), rel=0.03)
+                    mc += model.family.reconstruction(log_p, v).sum().item() / reps
+    assert actual == pytest.approx(bfn.bits(mc), rel=mc_tolerance)
+    return actual, bfn.bits(mc)
 
 
 class Recording:
@@ -202,7 +214,7 @@ def test_peak_pop_bits_bounds_what_a_chunk_pops(n):
     for seed in range(3):
         stack = Recording(fresh_stack(4096, seed))
         start = codec.information_bits(stack.stack)
-        bb.encode_chunk(stack, sch, x, stand_in, seed)
+        bb.encode_chunk(stack, sch, BITS, x, stand_in, seed)
         deepest = max(deepest, (start - min(stack.levels)) / len(x))
     assert 0.8 * sch.peak_pop_bits(len(x)) < deepest <= sch.peak_pop_bits(len(x))
 
@@ -242,5 +254,73 @@ def test_probe_skips_the_bfn_where_it_cannot_win(tiny_model):
     pred.for_chunk = lambda *a: calls.append(a) or for_chunk(*a)
     data = np.random.default_rng(3).integers(0, 256, 4096, dtype=np.uint8).tobytes()
     frame = codec.encode_frame(data, pred, bb.Schedule(10, model.cfg.beta1, 4.0))
-    assert frame.method == codec.STORED and frame.payload == data
+    assert frame.method == codec.Method.STORED and frame.payload == data
     assert len(calls) <= codec.PROBE_CHUNKS
+
+
+# ---- the joint byte family: coordinates coded by the chain rule ----
+
+NB = 25                                       # bytes
+XB = RNG.integers(0, 2, 8 * NB)
+BIAS = RNG.normal(0, 2, 256)
+
+
+def stand_in_bytes(s, t):
+    """A fixed, miscalibrated joint 'network': (N, 256) quantised log-weights."""
+    u = np.asarray(s, np.float64).reshape(-1, 8)
+    logits = 1.3 * u @ bb.Bytes.TABLE.T + BIAS - t
+    return bb.quantise_logit(logits - logits.max(1, keepdims=True))
+
+
+def test_bytes_output_pair():
+    out = stand_in_bytes(np.zeros(8 * NB), 1.0)
+    sym = check_pop_push(lambda s: bb.pop_symbols(s, BYTES, out, 8 * NB),
+                         lambda s, v: bb.push_symbols(s, BYTES, out, v))
+    check_push_pop(lambda s, v: bb.push_symbols(s, BYTES, out, v), lambda s: bb.pop_symbols(s, BYTES, out, 8 * NB), sym)
+
+
+@pytest.mark.parametrize("i", [1, 2, 8])
+def test_bytes_receiver_step_pair(i):
+    s_prev = RNG.normal(0, 3, 8 * NB) if i > 1 else np.zeros(8 * NB)
+    out = stand_in_bytes(s_prev, (i - 1) / SCH.n)
+    S_i = check_pop_push(lambda s: bb.pop_step(s, BYTES, SCH, i, s_prev, out),
+                         lambda s, v: bb.push_step(s, BYTES, SCH, i, v, s_prev, out))
+    check_push_pop(lambda s, v: bb.push_step(s, BYTES, SCH, i, v, s_prev, out),
+                   lambda s: bb.pop_step(s, BYTES, SCH, i, s_prev, out), S_i)
+
+
+def test_bytes_conditionals_are_the_joint():
+    """The chain of conditional log-odds reproduces the joint: sum_d log p(x_d | x_<d) =
+    log p(x) for every byte, up to the logit grid."""
+    out = stand_in_bytes(RNG.normal(0, 2, 8 * NB), 0.3)
+    x = RNG.integers(0, 256, NB).astype(np.uint8)
+    bits = bb.bytes_to_bits(x)
+    chain = bb.push_symbols(bb.AnsCoder(), BYTES, out, bits)
+    joint = -(out[np.arange(NB), x] - np.log(np.exp(out).sum(1))).sum() / np.log(2)
+    assert chain == pytest.approx(joint, abs=NB * 8 * 0.01)
+
+
+@pytest.mark.parametrize("n", [1, 4, 20])
+def test_bytes_chunk_round_trip_restores_the_stack(n):
+    sch = bb.Schedule(n, 3.0, 4.0)
+    stack = fresh_stack(4096)
+    before = stack.get_compressed()
+    chunks = [RNG.integers(0, 2, 8 * 4) for _ in range(3)]
+    for k, x in reversed(list(enumerate(chunks))):
+        bb.encode_chunk(stack, sch, BYTES, x, stand_in_bytes, k)
+    for k, x in enumerate(chunks):
+        assert np.array_equal(bb.decode_chunk(stack, sch, BYTES, 8 * 4, stand_in_bytes, k), x)
+    assert np.array_equal(stack.get_compressed(), before)
+
+
+def test_bytes_code_length_is_the_trajectory_loss_under_a_miscalibrated_model():
+    """Chained chunks of a wrong joint model cost what the model's loss on their trajectories says."""
+    rng = np.random.default_rng(4)
+    sch = bb.Schedule(10, 3.0, 4.0)
+    stack = fresh_stack(2000)
+    start, stats = codec.information_bits(stack), bb.Stats()
+    for k in range(60):
+        x = bb.bytes_to_bits(rng.choice([32, 101, 116, 97], 16).astype(np.uint8))
+        bb.encode_chunk(stack, sch, BYTES, x, stand_in_bytes, k, stats)
+    excess = (codec.information_bits(stack) - start) / stats.model_bits - 1
+    assert abs(excess) < 0.015

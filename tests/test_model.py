@@ -4,7 +4,8 @@ import dataclasses
 import pytest
 import torch
 
-from bfn_codec.model import BFNNet, ModelConfig, fingerprint, load_weights, save_weights, to_symbols, to_vars
+from bfn_codec.chunknet import ChunkNet as BFNNet
+from bfn_codec.model import ModelConfig, build, fingerprint, load_weights, save_weights, to_symbols, to_vars
 
 CFG = ModelConfig(d_model=32, n_layers=2, n_heads=2, chunk_len=8, context_len=16, beta1=3.0)
 
@@ -65,3 +66,72 @@ def test_weights_file_round_trip_and_fingerprint(tmp_path):
     blob = torch.load(tmp_path / "a.pt", weights_only=True)
     assert fingerprint(dataclasses.asdict(CFG), blob["state"]) == fp
     assert fingerprint({**dataclasses.asdict(CFG), "beta1": 2.0}, blob["state"]) != fp
+
+
+# ---- the semi-autoregressive design (sar.py) ----
+
+SAR = ModelConfig(arch="sar", output="bytes", d_model=32, n_layers=2, n_heads=2, chunk_len=2, context_len=16,
+                  step_d_model=16, step_layers=1, step_heads=2, beta1=3.0)
+
+
+def random_sar(cfg=SAR, seed=0):
+    torch.manual_seed(seed)
+    net = build(cfg).double()
+    torch.nn.init.normal_(net.head.weight, std=0.3)
+    return net
+
+
+@pytest.mark.parametrize("window", [16, 6])
+def test_cached_context_equals_the_training_pass(window):
+    """The coding-time context (keys and values cached across chunks, a window of tokens)
+    gives the chunk states of the training pass over the clean sequence, as long as the
+    window holds the whole sequence; a shorter window changes them."""
+    net = random_sar(dataclasses.replace(SAR, context_len=window))
+    seq = torch.randint(0, 256, (1, 16))
+    full = net.context(seq)                                     # (1, 8, ds)
+    cache = net.coding_context()
+    states = [cache.advance(seq[0, max(0, 2 * j - 2):2 * j].tolist()) for j in range(8)]
+    gap = max((full[:, j] - states[j][:, 0]).abs().max().item() for j in range(8))
+    assert gap < 1e-10 if window == 16 else gap > 1e-3
+
+
+def test_sar_chunk_sees_its_context_and_its_neighbour():
+    net = random_sar()
+    z = torch.randn(1, 1, 2, 8, 2, dtype=torch.float64)
+    t = torch.rand(1, 1, dtype=torch.float64)
+    s1, s2 = (net.context(torch.randint(0, 256, (1, 16)))[:, -1:] for _ in range(2))
+    assert (net(z, t, s1) - net(z, t, s2)).abs().max() > 1e-3
+    z2 = z.clone()
+    z2[0, 0, 1, :, 1] += 1.0                                      # the second byte's beliefs
+    assert (net(z, t, s1)[0, 0, 0] - net(z2, t, s1)[0, 0, 0]).abs().max() > 1e-3
+
+
+def test_untrained_joint_output_is_the_own_evidence_posterior():
+    """delta = 0: p_O(b) is the Bayesian posterior of a uniform prior given the bits' evidence."""
+    net = build(SAR)
+    z = torch.randn(1, 1, 2, 8, 2)
+    log_p = net(z, torch.rand(1, 1), net.context(torch.randint(0, 256, (1, 16)))[:, :1])
+    bits = to_vars(torch.arange(256), SAR).float()               # (256, 8)
+    expected = ((z[..., 1] - z[..., 0]) @ bits.T).log_softmax(-1)
+    assert torch.allclose(log_p, expected, atol=1e-5)
+
+
+def test_weights_file_names_its_design_and_is_checked(tmp_path):
+    from bfn_codec.model import ModelError
+    net = random_sar()
+    save_weights(tmp_path / "s.pt", net)
+    model, _, _ = load_weights(tmp_path / "s.pt")
+    assert type(model).__name__ == "SARNet" and model.cfg == SAR
+    blob = torch.load(tmp_path / "s.pt", weights_only=True)
+    blob["config"]["arch"] = "nonexistent"
+    torch.save(blob, tmp_path / "bad_arch.pt")
+    with pytest.raises(ModelError, match="nonexistent"):
+        load_weights(tmp_path / "bad_arch.pt")
+    blob["config"]["arch"], blob["format"] = "sar", 99
+    torch.save(blob, tmp_path / "bad_format.pt")
+    with pytest.raises(ModelError, match="format"):
+        load_weights(tmp_path / "bad_format.pt")
+    blob["format"], blob["config"]["arch"] = 2, "chunk"          # the tensors of another design
+    torch.save(blob, tmp_path / "mismatch.pt")
+    with pytest.raises(ModelError, match="do not fit"):
+        load_weights(tmp_path / "mismatch.pt")

@@ -1,0 +1,134 @@
+"""Output families: what a network's output means (sec. 6.6) and the loss terms it pays.
+
+The Bayesian flow carries every byte as V binary variables (K = 2 logits each, z of shape
+(..., V, 2)); the network adds a `delta` to what the flow's own evidence says (residual
+form). A family turns (z, delta) into the output distribution p_O and knows the loss
+terms of that distribution:
+
+- `Bits`:  V independent outputs, p_O(x_d) = softmax(z_d + delta_d); delta has V entries
+           (the logit of class 1; class 0 is the reference).
+- `Bytes`: one joint K^V-way output per byte, log p_O(b) = sum_d z_{d, b_d} + delta_b
+           (normalised); delta has K^V = 256 entries. One step's receiver of a byte is then
+           a 256-component mixture over its V coordinates (sec. 6.7), which the coder codes
+           coordinate by coordinate (coder.py).
+
+`cfg.residual = False` drops the evidence term (p_O = softmax(delta)).
+"""
+import torch
+
+from . import bfn
+
+
+def symbol_bits(V, K=2, device=None):
+    """(K^V, V) table: the V variables of every symbol, most significant first."""
+    symbols = torch.arange(K ** V, device=device)
+    powers = K ** torch.arange(V - 1, -1, -1, device=device)
+    return (symbols[:, None] // powers) % K
+
+
+def to_vars(symbols, cfg):
+    """Symbols in [0, K^V) -> (..., V) variables, most significant first (bytes -> bits)."""
+    powers = cfg.K ** torch.arange(cfg.V - 1, -1, -1, device=symbols.device)
+    return (symbols.long().unsqueeze(-1) // powers) % cfg.K
+
+
+def to_symbols(variables, cfg):
+    powers = cfg.K ** torch.arange(cfg.V - 1, -1, -1, device=variables.device)
+    return (variables.long() * powers).sum(-1)
+
+
+class Bits:
+    """V independent binary outputs per byte (the original family)."""
+    name = "bits"
+
+    def __init__(self, V=8, residual=True):
+        self.V, self.residual = V, residual
+        self.n_out = V
+
+    def log_probs(self, z, delta):
+        """z (..., V, 2), delta (..., V) -> log p_O (..., V, 2)."""
+        delta = torch.stack([torch.zeros_like(delta), delta], -1)
+        return (z + delta if self.residual else delta).log_softmax(-1)
+
+    def bit_probs(self, log_p):
+        return log_p.float().exp()
+
+    def step_kl(self, log_p, v, acc, generator=None):
+        """Per-byte KL of one step (sec. 6.9), exact quadrature per bit: (...,)."""
+        return bfn.step_kl(log_p, v, acc, generator).sum(-1)
+
+    def draw(self, log_p, generator=None):
+        """Variables (..., V) drawn from p_O."""
+        return bfn.draw_categorical(log_p, generator)
+
+    def reconstruction(self, log_p, v):
+        """-log p_O(x) per byte: (...,)."""
+        return -log_p.float().gather(-1, v.unsqueeze(-1)).squeeze(-1).sum(-1)
+
+
+class Bytes:
+    """One joint K^V-way output per byte, in residual form over the bits' evidence."""
+    name = "bytes"
+
+    def __init__(self, V=8, residual=True):
+        self.V, self.residual = V, residual
+        self.n_out = 2 ** V
+        self._table = symbol_bits(V).float()               # (256, V)
+
+    def table(self, like):
+        if self._table.device != like.device or self._table.dtype != like.dtype:
+            self._table = self._table.to(like.device, like.dtype)
+        return self._table
+
+    def evidence(self, z):
+        """sum_d z_{d, b_d} for every byte value b, up to a constant: (..., V, 2) -> (..., 256)."""
+        u = (z[..., 1] - z[..., 0]).float() if z.dtype != torch.float64 else z[..., 1] - z[..., 0]
+        with torch.autocast(u.device.type, enabled=False):     # large sums: never in bf16
+            return u @ self.table(u).T
+
+    def log_probs(self, z, delta):
+        """z (..., V, 2), delta (..., 256) -> log p_O (..., 256)."""
+        delta = delta.to(torch.float64 if z.dtype == torch.float64 else torch.float32)
+        return (self.evidence(z) + delta if self.residual else delta).log_softmax(-1)
+
+    def bit_probs(self, log_p):
+        """The marginals of every bit: (..., 256) -> (..., V, 2)."""
+        p = log_p.float().exp()
+        with torch.autocast(p.device.type, enabled=False):
+            one = (p @ self.table(p)).clamp(0, 1)
+        return torch.stack([1 - one, one], -1)
+
+    def step_kl(self, log_p, v, acc, generator=None):
+        """One-sample Monte Carlo KL(p_S || p_R) of a byte's V coordinates (sec. 6.9):
+        y ~ p_S, log p_S(y) - log p_R(y) = E(x) - logsumexp_b(log p_O(b) + E(b)), with
+        E(b) = sum_d y_{d, b_d} the evidence of y for byte b (components share a variance)."""
+        e = self.evidence(bfn.sender_sample(v, acc, 2, generator))
+        x = to_byte(v)
+        return e.gather(-1, x.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(log_p.float() + e, -1)
+
+    def draw(self, log_p, generator=None):
+        return symbol_bits(self.V, device=log_p.device)[bfn.draw_categorical(log_p.float(), generator)]
+
+    def reconstruction(self, log_p, v):
+        return -log_p.float().gather(-1, to_byte(v).unsqueeze(-1)).squeeze(-1)
+
+
+def to_byte(v):
+    """(..., V) binary variables, most significant first -> (...,) symbols."""
+    V = v.shape[-1]
+    return (v.long() * (2 ** torch.arange(V - 1, -1, -1, device=v.device))).sum(-1)
+
+
+FAMILIES = {"bits": Bits, "bytes": Bytes}
+
+
+def family_of(cfg):
+    if cfg.K != 2:
+        raise ValueError("output families code binary variables (K = 2)")
+    return FAMILIES[cfg.output](cfg.V, cfg.residual)
+
+
+def continuous_loss(family, log_p, v, t, beta1):
+    """L^inf per sequence on the bits' marginals (sec. 6.10); see bfn.continuous_loss."""
+    return bfn.continuous_loss(family.bit_probs(log_p), v, t, beta1)
+

@@ -1,0 +1,57 @@
+"""Transformer pieces shared by the networks: blocks, rotary positions, time features."""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+_FREQS = math.pi * 2.0 ** torch.arange(16.0) / 16
+
+
+def time_features(t):
+    """(...,) times -> (..., 32) sines and cosines at 16 octave-spaced frequencies."""
+    tf = t[..., None] * _FREQS.to(t.device, t.dtype)
+    return torch.cat([tf.sin(), tf.cos()], -1)
+
+
+def rotary_tables(pos, head_dim, dtype):
+    """cos and sin of the rotary angles (RoPE) for positions pos, in float64 for float64
+    networks and float32 otherwise: computed once per forward, cast to q/k's dtype in rotary."""
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    half = head_dim // 2
+    angle = pos.to(wide)[:, None] * 10000.0 ** (-torch.arange(half, dtype=wide, device=pos.device) / half)
+    return angle.cos(), angle.sin()
+
+
+def rotary(x, tables):
+    """Rotate query/key channel pairs by angles proportional to the position."""
+    cos, sin = (table.to(x.dtype) for table in tables)
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; `heads` and `finish` are split so that callers can add
+    cached keys and values in between."""
+
+    def __init__(self, d, n_heads, rope=False):
+        super().__init__()
+        self.n_heads, self.rope = n_heads, rope
+        self.ln1 = nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.ln2 = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def heads(self, h, tables=None):
+        B, T, _ = h.shape
+        q, k, v = self.qkv(self.ln1(h)).reshape(B, T, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)
+        if self.rope:
+            q, k = rotary(q, tables), rotary(k, tables)
+        return q, k, v
+
+    def finish(self, h, q, k, v, mask):
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        h = h + self.proj(a.transpose(1, 2).reshape(h.shape))
+        return h + self.mlp(self.ln2(h))

@@ -1,0 +1,136 @@
+"""Semi-autoregressive BFN network: a causal context network over the clean bytes, run
+once per chunk, and a small per-step network over the chunk's noisy beliefs.
+
+The context network is a causal transformer (rotary positions) over [BOS, x_0, x_1, ...];
+its state after token a summarises the clean bytes x_{<a}: the chunk that starts at byte a
+reads it. At coding time its keys and values are cached (`ContextCache`), so each chunk
+adds only the bytes of the chunk before it, over a window of `context_len` tokens.
+
+The per-step network sees one chunk of L bytes: each byte's beliefs (the bits' logits as
+2 theta - 1, and the soft byte embedding sum_b p(b | theta) e_b of the 256-way distribution
+of the independent beliefs), its position in the chunk, the time t (sec. 6.6) and the
+context state; `step_layers` transformer blocks attend within the chunk. It runs n times
+per chunk. Its output `delta` goes through the output family (families.py).
+
+`step_layers = 0` with L = 1 is the autoregressive reference: delta comes from the context
+state alone, p_O is the exact Bayesian posterior of a once-per-byte prediction, and the
+n-step code length equals that prediction's cross-entropy at any n.
+
+In training one sequence of `context_len` bytes holds C = context_len / L chunks, each with
+its own t; the context network runs once over the clean sequence.
+"""
+import torch
+import torch.nn as nn
+
+from .families import family_of, to_vars, symbol_bits
+from .layers import Block, rotary_tables, time_features
+
+BOS = 256
+
+
+class SARNet(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        if cfg.context_len % cfg.chunk_len:
+            raise ValueError("context_len must be a multiple of chunk_len")
+        if cfg.step_layers == 0 and cfg.chunk_len != 1:
+            raise ValueError("step_layers = 0 (the autoregressive reference) needs chunk_len 1")
+        self.cfg = cfg
+        self.family = family_of(cfg)
+        d, ds = cfg.d_model, cfg.step_d_model
+        self.byte_emb = nn.Embedding(257, d)
+        self.blocks = nn.ModuleList(Block(d, cfg.n_heads, rope=True) for _ in range(cfg.n_layers))
+        self.ln_ctx = nn.LayerNorm(d)
+        self.ctx_out = nn.Linear(d, ds)
+        if cfg.step_layers:
+            self.bits_in = nn.Linear(cfg.V, ds)
+            self.soft_emb = nn.Linear(2 ** cfg.V, ds, bias=False)
+            self.pos_emb = nn.Embedding(cfg.chunk_len, ds)
+            self.time_mlp = nn.Sequential(nn.Linear(32, ds), nn.GELU(), nn.Linear(ds, ds))
+            self.step_blocks = nn.ModuleList(Block(ds, cfg.step_heads) for _ in range(cfg.step_layers))
+            self.register_buffer("bit_table", symbol_bits(cfg.V).float(), persistent=False)
+        self.ln_out = nn.LayerNorm(ds)
+        self.head = nn.Linear(ds, self.family.n_out)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    @property
+    def seq_len(self):
+        return self.cfg.context_len
+
+    def split(self, x):
+        """(B, T) training bytes -> (the clean bytes, variables (B, C, L, V))."""
+        B, T = x.shape
+        return x, to_vars(x.reshape(B, T // self.cfg.chunk_len, self.cfg.chunk_len), self.cfg)
+
+    def context(self, x):
+        """Context states of all chunks of a clean sequence x (B, T) -> (B, C, step_d_model)."""
+        B, T = x.shape
+        tokens = torch.cat([torch.full((B, 1), BOS, dtype=x.dtype, device=x.device), x[:, :-1]], 1)
+        h = self.byte_emb(tokens)
+        tables = rotary_tables(torch.arange(T, device=x.device), self.cfg.d_model // self.cfg.n_heads, h.dtype)
+        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        for block in self.blocks:
+            q, k, v = block.heads(h, tables)
+            h = block.finish(h, q, k, v, causal)
+        return self.ctx_out(self.ln_ctx(h[:, ::self.cfg.chunk_len]))
+
+    def forward(self, z, t, state):
+        """log p_O for chunks: z (B, C, L, V, 2), t (B, C), state (B, C, ds) from `context`."""
+        B, C, L = z.shape[:3]
+        if not self.cfg.step_layers:
+            return self.family.log_probs(z, self.head(self.ln_out(state))[:, :, None])
+        theta1 = z.softmax(-1)[..., 1]
+        soft = (((z[..., 1] - z[..., 0]) @ self.bit_table.to(z.dtype).T).softmax(-1))
+        h = (self.bits_in(2 * theta1 - 1) + self.soft_emb(soft) + self.pos_emb.weight[:L].to(z.dtype)
+             + (state + self.time_mlp(time_features(t.to(z.dtype))))[:, :, None])
+        h = h.reshape(B * C, L, -1)
+        for block in self.step_blocks:
+            q, k, v = block.heads(h)
+            h = block.finish(h, q, k, v, None)
+        delta = self.head(self.ln_out(h)).reshape(B, C, L, -1)
+        return self.family.log_probs(z, delta)
+
+    def coding_context(self):
+        return ContextCache(self)
+
+    def prepare(self, state):
+        return state
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+
+class ContextCache:
+    """The context network at coding time: keys and values of the last `context_len` tokens,
+    extended by each chunk's bytes once they are known. `advance(previous_chunk)` returns the
+    next chunk's context state (1, 1, ds); the first call adds the BOS token first. Encoder and decoder call it with the same shapes
+    in the same order, so both compute identical states."""
+
+    def __init__(self, net):
+        self.net = net
+        self.kv = [None] * len(net.blocks)
+        self.pos = 0
+
+    @torch.no_grad()
+    def advance(self, chunk_bytes):
+        net = self.net
+        dtype = net.head.weight.dtype
+        tokens = torch.as_tensor(([] if self.pos else [BOS]) + list(chunk_bytes), dtype=torch.long)[None]
+        m = tokens.shape[1]
+        h = net.byte_emb(tokens).to(dtype)
+        pos = torch.arange(self.pos, self.pos + m)
+        tables = rotary_tables(pos, net.cfg.d_model // net.cfg.n_heads, dtype)
+        for li, block in enumerate(net.blocks):
+            q, k, v = block.heads(h, tables)
+            if self.kv[li] is not None:
+                k = torch.cat([self.kv[li][0], k], 2)
+                v = torch.cat([self.kv[li][1], v], 2)
+            c = k.shape[2] - m
+            mask = torch.ones(m, c + m, dtype=torch.bool).tril(c)
+            h = block.finish(h, q, k, v, mask)
+            keep = net.cfg.context_len
+            self.kv[li] = (k[:, :, -keep:], v[:, :, -keep:])
+        self.pos += m
+        return net.ctx_out(net.ln_ctx(h[:, -1:]))
+
