@@ -1,52 +1,78 @@
-"""Network cost of coding, per model: what bounds bfn-codec's KB/s on one core.
+"""Where coding time goes, per model: context network, per-step network, coder, other.
 
-    python -m benchmarks.coding_speed bfn_codec/weights/default.pt runs/H/ckpt.pt --steps 10,20
+    python -m benchmarks.coding_speed bfn_codec/weights/default.pt runs/X/ckpt.pt --kb 32 --steps 10
 
-Times the coding-time network (float64, one thread) on English text: the context pass
-once per chunk and one forward per step (n + 1 per chunk), and prints KB/s per core.
-The coder itself adds a few percent on top.
+Compresses and decompresses the first KB of the validation books (one frame, in this
+process, one thread, bits-back forced), checks the round trip, and prints KB/s each way
+with the milliseconds per KB spent in the context network (`advance` and `prepare`: once per
+stripe),
+the per-step network (`forward`: n + 1 calls per chunk) and the rest (the coder, chunking).
 """
 import argparse
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from bfn_codec.codec import Predictor
-from bfn_codec.model import load_weights
+from bfn_codec import codec
 from bfn_codec.train import DATA, read_text
 
 
-def measure(path, steps, chunks=20):
+@contextmanager
+def timed(obj, name, into):
+    """Add the time spent in obj.name (a method) to into[name] while the block runs."""
+    original = getattr(obj, name)
+
+    def wrapper(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            into[name] = into.get(name, 0.0) + time.perf_counter() - t0
+    setattr(obj, name, wrapper)
+    try:
+        yield
+    finally:
+        setattr(obj, name, original)
+
+
+def measure(path, kb, steps, offset=200_000):
     torch.set_num_threads(1)
-    model, fp, _ = load_weights(path)
-    pred = Predictor(model)
-    L = model.cfg.chunk_len
-    text = read_text(Path(DATA) / "valid.txt.xz", 4096 + chunks * L)
-    s = np.random.default_rng(0).normal(0.0, 1.0, 8 * L)
-    t0 = time.perf_counter()
-    predicts = [pred.for_chunk(text[:4096 + k * L], L) for k in range(chunks)]
-    t1 = time.perf_counter()
-    for predict in predicts:
-        predict(s, 0.5)
-    t2 = time.perf_counter()
-    context, forward = (t1 - t0) / chunks, (t2 - t1) / chunks
-    return fp, model.num_params(), context, forward, {n: L / (context + (n + 1) * forward) / 1000 for n in steps}
+    data = read_text(Path(DATA) / "valid.txt.xz", offset + kb * 1024)[offset:].tobytes()
+    setup = codec.load_setup(path, steps, codec.DEFAULT_BINS)
+    model = setup.predictor.model
+    context_class = type(model.coding_context())
+    rows = {}
+    for direction in ("compress", "decompress"):
+        spent = {}
+        with timed(context_class, "advance", spent), timed(type(model), "prepare", spent), \
+                timed(type(model), "forward", spent):
+            t0 = time.perf_counter()
+            if direction == "compress":
+                blob, stats = codec.compress(data, path, steps, frame_size=len(data), fallback=False)
+            else:
+                assert codec.decompress(blob, path) == data
+            total = time.perf_counter() - t0
+        rows[direction] = (total, spent)
+    return setup.fingerprint, model.num_params(), 8 * len(blob) / len(data), rows
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("models", nargs="+")
-    ap.add_argument("--steps", default="10,20")
+    ap.add_argument("--kb", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=codec.DEFAULT_STEPS)
     args = ap.parse_args()
-    steps = [int(n) for n in args.steps.split(",")]
-    print("| model | params | context pass ms | forward ms | " + " | ".join(f"KB/s at n={n}" for n in steps) + " |")
-    print("|---|---|---|---|" + "---|" * len(steps))
+    print("| model | params | bits/byte | direction | KB/s | context ms/KB | per-step ms/KB | coder+other ms/KB |")
+    print("|---|---|---|---|---|---|---|---|")
     for path in args.models:
-        fp, params, context, forward, speed = measure(path, steps)
-        print(f"| {path} ({fp}) | {params:,} | {1000 * context:.1f} | {1000 * forward:.2f} | "
-              + " | ".join(f"{speed[n]:.2f}" for n in steps) + " |")
+        fp, params, bpb, rows = measure(path, args.kb, args.steps)
+        for direction, (total, spent) in rows.items():
+            ctx, step = spent.get("advance", 0.0) + spent.get("prepare", 0.0), spent.get("forward", 0.0)
+            print(f"| {Path(path).name} ({fp}) | {params:,} | {bpb:.3f} | {direction} | {args.kb / total:.2f} | "
+                  f"{1000 * ctx / args.kb:.0f} | {1000 * step / args.kb:.0f} | "
+                  f"{1000 * (total - ctx - step) / args.kb:.0f} |")
 
 
 if __name__ == "__main__":

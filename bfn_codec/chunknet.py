@@ -22,6 +22,7 @@ class ChunkNet(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.family = family_of(cfg)
+        self.chunk_lens = (cfg.chunk_len,)                  # what it can code with
         d = cfg.d_model
         self.symbol_emb = nn.Embedding(cfg.n_symbols, d)
         self.theta_in = nn.Linear(cfg.V, d)
@@ -37,7 +38,7 @@ class ChunkNet(nn.Module):
     def seq_len(self):
         return self.cfg.context_len + self.cfg.chunk_len
 
-    def split(self, x):
+    def split(self, x, chunk_len=None):
         """(B, W + L) training bytes -> clean context (B, W) and variables of C chunks (B, C, L, V)."""
         C = self.cfg.context_len // self.cfg.chunk_len + 1
         return x[:, :self.cfg.context_len], to_vars(x.reshape(len(x), C, self.cfg.chunk_len), self.cfg)
@@ -45,7 +46,7 @@ class ChunkNet(nn.Module):
     def rotary_tables(self, pos, dtype):
         return rotary_tables(pos, self.cfg.d_model // self.cfg.n_heads, dtype) if self.cfg.rope else None
 
-    def context(self, ctx):
+    def context(self, ctx, chunk_len=None):
         """Keys and values of the clean context bytes ctx (B, W), one pair per layer (None if W = 0)."""
         B, W = ctx.shape
         if not W:
@@ -104,15 +105,18 @@ class ChunkNet(nn.Module):
 
 
 class WindowContext:
-    """The chunk network at coding time: the last `context_len` clean bytes.
-    `advance(previous_chunk)` -> the next chunk's window; `ChunkNet.prepare` turns a window
-    into its keys and values, afresh for every chunk."""
+    """The chunk network at coding time, for a batch of lanes: the last `context_len` clean
+    bytes of each. `advance(previous_chunks)` takes the previous chunk of each lane still
+    going (equal lengths) and returns the next chunks' windows (lanes, <= W); `ChunkNet.prepare`
+    turns windows into their keys and values, afresh for every chunk."""
 
     def __init__(self, net):
         self.W = net.cfg.context_len
-        self.window = torch.zeros(1, 0, dtype=torch.long)
+        self.window = None
 
-    def advance(self, chunk_bytes):
-        new = torch.as_tensor(list(chunk_bytes), dtype=torch.long)[None]
-        self.window = torch.cat([self.window, new], 1)[:, -self.W:] if self.W else self.window
+    def advance(self, previous_chunks):
+        new = torch.tensor([[int(b) for b in chunk] for chunk in previous_chunks], dtype=torch.long)
+        new = new.reshape(len(previous_chunks), -1)
+        window = new if self.window is None else torch.cat([self.window[:len(new)], new], 1)
+        self.window = window[:, max(0, window.shape[1] - self.W):]
         return self.window

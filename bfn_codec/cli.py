@@ -183,7 +183,7 @@ def _compress_one(src, dst, opts):
     with _progress(len(data), os.path.basename(src) if src != "-" else "stdin", opts["quiet"]) as bar:
         blob, stats = codec.compress(data, opts["model"], opts["steps"], frame_size=opts["frame_size"],
                                      workers=opts["threads"], progress=bar.update if bar else None,
-                                     fallback=opts["fallback"])
+                                     fallback=opts["fallback"], chunk_len=opts["chunk_len"])
     seconds = time.time() - t0
     _write(dst, blob, opts["force"], _mode_of(src))
     if opts["verbose"]:
@@ -238,6 +238,7 @@ def _model_path(model):
 
 
 def _run(files, output, stdout, force, test, decompress, opts):
+    from .container import FormatError
     from .model import ModelError
     files = list(files) or ["-"]
     if (output or (stdout and not (decompress or test))) and len(files) > 1:
@@ -259,7 +260,7 @@ def _run(files, output, stdout, force, test, decompress, opts):
         except Fail as e:
             click.echo(f"bfn: {e}", err=True)
             failed = True
-        except (ModelError, OSError) as e:
+        except (ModelError, FormatError, OSError) as e:
             click.echo(f"bfn: {src}: {e}", err=True)
             failed = True
         except KeyboardInterrupt:
@@ -276,6 +277,9 @@ def _codec_options(f):
         click.option("-t", "--test", is_flag=True, help="check .bfn files: decode and verify, write nothing"),
         click.option("--steps", type=click.IntRange(1, 1000), default=None,
                      help="n, the number of BFN steps (more: smaller and slower) [default 10]"),
+        click.option("--chunk-len", type=click.IntRange(1, 65535), default=None,
+                     help="bytes per chunk, where the model knows several (shorter: smaller and slower) "
+                          "[default: the model's]"),
         click.option("--model", type=click.Path(dir_okay=False), default=None,
                      help="weights file or checkpoint [default: the shipped model]"),
         click.option("-T", "--threads", type=click.IntRange(1, 64), default=None,
@@ -292,9 +296,9 @@ def _codec_options(f):
     return f
 
 
-def _opts(steps, model, threads, frame_size, no_fallback, verbose, quiet, force):
+def _opts(steps, chunk_len, model, threads, frame_size, no_fallback, verbose, quiet, force):
     from . import codec
-    return {"steps": steps or codec.DEFAULT_STEPS, "model": model, "threads": threads or codec.default_workers(),
+    return {"steps": steps or codec.DEFAULT_STEPS, "chunk_len": chunk_len, "model": model, "threads": threads or codec.default_workers(),
             "frame_size": frame_size or codec.FRAME_SIZE, "fallback": not no_fallback, "verbose": verbose and not quiet, "quiet": quiet,
             "force": force}
 
@@ -302,17 +306,17 @@ def _opts(steps, model, threads, frame_size, no_fallback, verbose, quiet, force)
 @click.command()
 @click.option("-d", "--decompress", is_flag=True, help="decompress (as bfn-decompress)")
 @_codec_options
-def compress_cmd(decompress, output, stdout, force, test, steps, model, threads, frame_size, no_fallback, verbose,
-                 quiet, files):
+def compress_cmd(decompress, output, stdout, force, test, steps, chunk_len, model, threads, frame_size, no_fallback,
+                 verbose, quiet, files):
     """Compress FILES to FILE.bfn (no FILES or '-': standard input to standard output)."""
     _run(files, output, stdout, force, test, decompress,
-         _opts(steps, model, threads, frame_size, no_fallback, verbose, quiet, force))
+         _opts(steps, chunk_len, model, threads, frame_size, no_fallback, verbose, quiet, force))
 
 
 @click.command()
 @_codec_options
-def decompress_cmd(output, stdout, force, test, steps, model, threads, frame_size, no_fallback, verbose, quiet,
-                   files):
+def decompress_cmd(output, stdout, force, test, steps, chunk_len, model, threads, frame_size, no_fallback, verbose,
+                   quiet, files):
     """Decompress FILE.bfn to FILE (no FILES or '-': standard input to standard output)."""
     _run(files, output, stdout, force, test, True,
-         _opts(steps, model, threads, frame_size, no_fallback, verbose, quiet, force))
+         _opts(steps, chunk_len, model, threads, frame_size, no_fallback, verbose, quiet, force))

@@ -26,29 +26,68 @@ from .model import load_weights
 class Predictor:
     """The network as the coder sees it: float64, one thread, outputs on a fixed grid.
 
-    `contexts()` follows a frame chunk by chunk: its `advance(previous_chunk_bytes)` gives
-    the next chunk's context state (the encoder runs it over the whole frame first, the
-    decoder as it goes: the same calls in the same order). `for_chunk(state, length)` ->
-    predict(s, t), the family's quantised output for the chunk's beliefs s at time t."""
+    `contexts()` follows the lanes of a frame stripe by stripe: its `advance(previous)`
+    takes the previous chunk of every lane still going and gives the next stripe's context
+    states (the encoder runs it over the whole frame first, the decoder as it goes: the
+    same calls in the same order). `for_stripe(states, lengths)` -> predict(s, t), the
+    family's quantised output for the stripe's beliefs s (lane after lane) at time t."""
 
-    def __init__(self, model):
+    def __init__(self, model, chunk_len=None):
         self.model = model
         self.cfg = model.cfg
+        self.chunk_len = chunk_len or model.cfg.coding_chunk_len or model.cfg.chunk_len
+        if self.chunk_len not in model.chunk_lens:
+            raise container.FormatError(f"the model codes chunks of {', '.join(map(str, model.chunk_lens))} "
+                                        f"bytes, not {self.chunk_len}")
         self.family = coder.FAMILIES[model.cfg.output]()
 
     def contexts(self):
         return self.model.coding_context()
 
-    def for_chunk(self, state, length):
-        cfg = self.cfg
-        context = self.model.prepare(state)
-        z = torch.zeros(1, 1, length, cfg.V, 2, dtype=torch.float64)
+    def for_stripe(self, states, lengths):
+        runs = []                                 # lanes with equal chunk lengths: one network call
+        for j, n in enumerate(lengths):
+            if runs and runs[-1][2] == n:
+                runs[-1][1] += 1
+            else:
+                runs.append([j, 1, n])
+        V = self.cfg.V
+        calls = [(self.model.prepare(states[j:j + m]), torch.zeros(m, 1, n, V, 2, dtype=torch.float64))
+                 for j, m, n in runs]
 
         @torch.no_grad()
         def predict(s, t):
-            z[..., 1] = torch.from_numpy(np.ascontiguousarray(s, dtype=np.float64)).reshape(1, 1, length, cfg.V)
-            return self.family.from_network(self.model(z, torch.full((1, 1), float(t), dtype=torch.float64), context))
+            s = np.ascontiguousarray(s, dtype=np.float64)
+            outs, offset = [], 0
+            for (context, z), (_, m, n) in zip(calls, runs):
+                z[..., 1] = torch.from_numpy(s[offset:offset + m * n * V]).reshape(m, 1, n, V)
+                t_ = torch.full((m, 1), float(t), dtype=torch.float64)
+                outs.append(self.family.from_network(self.model(z, t_, context)))
+                offset += m * n * V
+            return np.concatenate(outs)
         return predict
+
+
+def lanes(n_bytes, chunk_len, lane_bytes):
+    """A frame's lanes [(start, end)]: segments coded in lock-step, each with its own context.
+    Lanes of at least lane_bytes (0: one lane), at most MAX_LANES, all but the last a
+    multiple of the chunk length. Depends only on the frame's length."""
+    if not lane_bytes or n_bytes < 2 * lane_bytes:
+        return [(0, n_bytes)]
+    count = min(MAX_LANES, n_bytes // lane_bytes)
+    step = -(-n_bytes // (count * chunk_len)) * chunk_len
+    return [(a, min(a + step, n_bytes)) for a in range(0, n_bytes, step)]
+
+
+def stripes(layout, chunk_len):
+    """Stripe k: chunk k of every lane that has one, [(a, b)] (always the first lanes)."""
+    out, k = [], 0
+    while True:
+        chunks = [(s + k * chunk_len, min(s + (k + 1) * chunk_len, e)) for s, e in layout if s + k * chunk_len < e]
+        if not chunks:
+            return out
+        out.append(chunks)
+        k += 1
 
 
 def chunk_bounds(n_bytes, chunk_len):
@@ -76,57 +115,61 @@ def probe_bits(arr, bounds, predictor):
     bits = nbytes = 0
     for k in picks:
         a, b = bounds[k]
-        state = predictor.contexts().advance(arr[max(0, a - PROBE_CONTEXT):a])
-        predict = predictor.for_chunk(state, b - a)
+        state = predictor.contexts().advance([arr[max(0, a - PROBE_CONTEXT):a]])
+        predict = predictor.for_stripe(state, [b - a])
         bits += coder.push_symbols(coder.AnsCoder(), predictor.family, predict(np.zeros(8 * (b - a)), 0.0),
                                 coder.bytes_to_bits(arr[a:b]))
         nbytes += b - a
     return bits * len(arr) / nbytes
 
 
-def encode_frame(data, predictor, sch, fallback=True, progress=None):
+def encode_frame(data, predictor, sch, lane_bytes=0, fallback=True, progress=None):
     """bytes -> Frame: bits-back coded, or xz or stored where that is smaller.
 
-    The last chunks of the frame (the tail) are coded directly under the network's t = 0
-    prediction, first, so that the bits-back chunks find real information on the stack to
-    pop; the tail grows until the stack holds what a chunk pops at its worst point.
+    The frame's lanes are coded stripe by stripe on one stack, the last stripe first. The
+    last stripes (the tail) are coded directly under the network's t = 0 prediction, first,
+    so that the bits-back stripes find real information on the stack to pop; the tail grows
+    until the stack holds what a stripe pops at its worst point.
     """
     if not len(data):
         return Frame(Method.STORED, 0, 0, b"")
     arr = np.frombuffer(data, dtype=np.uint8)
-    bounds = chunk_bounds(len(arr), predictor.cfg.chunk_len)
+    L = predictor.chunk_len
     others = []
     if fallback:
         others = [Frame(Method.XZ, len(data), 0, lzma.compress(data, preset=9 | lzma.PRESET_EXTREME)),
                   Frame(Method.STORED, len(data), 0, bytes(data))]
-        if PROBE_RATIO * probe_bits(arr, bounds, predictor) > 8 * min(len(f.payload) for f in others):
+        if PROBE_RATIO * probe_bits(arr, chunk_bounds(len(arr), L), predictor) > 8 * min(len(f.payload) for f in others):
             if progress:
                 progress(len(data))
             return min(others, key=lambda f: len(f.payload))
     stats = coder.Stats(bfn_bytes=len(data))
     stack = coder.AnsCoder()
-    need = 8 * predictor.cfg.chunk_len * sch.peak_pop_bits(8 * predictor.cfg.chunk_len)
-    contexts = predictor.contexts()
-    starts = [a for a, _ in bounds]
-    states = [contexts.advance(arr[prev:a]) for prev, a in zip([0] + starts[:-1], starts)]
+    plan = stripes(lanes(len(arr), L, lane_bytes), L)
+    widest = 8 * sum(b - a for a, b in plan[0])
+    need = widest * sch.peak_pop_bits(widest)
+    contexts, states, previous = predictor.contexts(), [], [arr[:0]] * len(plan[0])
+    for chunks in plan:
+        states.append(contexts.advance(previous[:len(chunks)]))
+        previous = [arr[a:b] for a, b in chunks]
     tail = 0
-    for k, (a, b) in reversed(list(enumerate(bounds))):
-        bits = coder.bytes_to_bits(arr[a:b])
-        predict = predictor.for_chunk(states[k], b - a)
-        if tail == len(bounds) - 1 - k and information_bits(stack) < need:
+    for k, chunks in reversed(list(enumerate(plan))):
+        bits = coder.bytes_to_bits(np.concatenate([arr[a:b] for a, b in chunks]))
+        predict = predictor.for_stripe(states[k], [b - a for a, b in chunks])
+        if tail == len(plan) - 1 - k and information_bits(stack) < need:
             coder.encode_direct(stack, predictor.family, bits, predict, stats)
             tail += 1
         else:
             coder.encode_chunk(stack, sch, predictor.family, bits, predict, k, stats)
         if progress:
-            progress(b - a)
+            progress(len(bits) // 8)
     stats.coded_bits = information_bits(stack)
     stats.bfn_bytes -= stats.direct_bytes
     frame = Frame(Method.BITS_BACK, len(data), tail, stack.get_compressed().astype("<u4").tobytes(), stats)
     return min([frame] + others, key=lambda f: len(f.payload))
 
 
-def decode_frame(frame, predictor, sch, progress=None):
+def decode_frame(frame, predictor, sch, lane_bytes=0, progress=None):
     if frame.method == Method.STORED:
         if len(frame.payload) != frame.raw_len:
             raise CorruptError("corrupted stored frame")
@@ -139,23 +182,27 @@ def decode_frame(frame, predictor, sch, progress=None):
         if len(out) != frame.raw_len:
             raise CorruptError("corrupted xz frame")
         return out
-    bounds = chunk_bounds(frame.raw_len, predictor.cfg.chunk_len)
-    if len(frame.payload) % 4 or frame.tail_chunks > len(bounds):
+    L = predictor.chunk_len
+    plan = stripes(lanes(frame.raw_len, L, lane_bytes), L)
+    if len(frame.payload) % 4 or frame.tail_chunks > len(plan):
         raise CorruptError("corrupted frame")
     out = np.zeros(frame.raw_len, dtype=np.uint8)
     try:
         stack = coder.AnsCoder(np.frombuffer(frame.payload, dtype="<u4").astype(np.uint32))
-        contexts, prev = predictor.contexts(), 0
-        for k, (a, b) in enumerate(bounds):
-            predict = predictor.for_chunk(contexts.advance(out[prev:a]), b - a)
-            if k >= len(bounds) - frame.tail_chunks:
-                bits = coder.decode_direct(stack, predictor.family, 8 * (b - a), predict)
+        contexts, previous = predictor.contexts(), [out[:0]] * len(plan[0])
+        for k, chunks in enumerate(plan):
+            lengths = [b - a for a, b in chunks]
+            predict = predictor.for_stripe(contexts.advance(previous[:len(chunks)]), lengths)
+            if k >= len(plan) - frame.tail_chunks:
+                bits = coder.decode_direct(stack, predictor.family, 8 * sum(lengths), predict)
             else:
-                bits = coder.decode_chunk(stack, sch, predictor.family, 8 * (b - a), predict, k)
-            out[a:b] = coder.bits_to_bytes(bits)
-            prev = a
+                bits = coder.decode_chunk(stack, sch, predictor.family, 8 * sum(lengths), predict, k)
+            stripe = coder.bits_to_bytes(bits)
+            for (a, b), at in zip(chunks, np.cumsum([0] + lengths[:-1])):
+                out[a:b] = stripe[at:at + b - a]
+            previous = [out[a:b] for a, b in chunks]
             if progress:
-                progress(b - a)
+                progress(sum(lengths))
     except BaseException as e:     # the coder refuses impossible symbols: a damaged stream
         if not isinstance(e, (KeyError, ValueError, OverflowError, AssertionError)) \
                 and type(e).__name__ != "PanicException":     # constriction's Rust panics
@@ -175,23 +222,31 @@ class Setup:
     predictor: Predictor
     schedule: coder.Schedule
     fingerprint: str
+    lane_bytes: int           # the format's lane rule for this model (container.LANE_BYTES)
 
 
 @functools.lru_cache(maxsize=2)
-def load_setup(model_path, steps, bins):
-    """Load the model for coding (once per process and setting); torch runs on one thread."""
+def load_setup(model_path, steps, bins, chunk_len=None):
+    """Load the model for coding (once per process and setting); torch runs on one thread.
+    chunk_len: the chunk length to code with (None: the model's default)."""
     torch.set_num_threads(1)
-    model, fingerprint, _ = load_weights(model_path)
-    return Setup(Predictor(model), coder.Schedule(steps, model.cfg.beta1, bins), fingerprint)
+    model, fingerprint, _ = _load_model(model_path)
+    lane_bytes = container.LANE_BYTES[container.version_for(model.cfg.output)]
+    return Setup(Predictor(model, chunk_len), coder.Schedule(steps, model.cfg.beta1, bins), fingerprint, lane_bytes)
+
+
+@functools.lru_cache(maxsize=2)
+def _load_model(model_path):
+    return load_weights(model_path)
 
 
 def encode_job(setup, data, progress=None, fallback=True):
-    return encode_frame(data, setup.predictor, setup.schedule, fallback, progress)
+    return encode_frame(data, setup.predictor, setup.schedule, setup.lane_bytes, fallback, progress)
 
 
 def decode_job(setup, frame, progress=None):
     try:
-        return decode_frame(frame, setup.predictor, setup.schedule, progress=progress)
+        return decode_frame(frame, setup.predictor, setup.schedule, setup.lane_bytes, progress)
     except CorruptError as e:
         return e
 
@@ -199,25 +254,26 @@ def decode_job(setup, frame, progress=None):
 _process_setup = None      # a worker process's Setup, set once by its pool initializer
 
 
-def _init_worker(model_path, steps, bins):
+def _init_worker(*settings):
     global _process_setup
-    _process_setup = load_setup(model_path, steps, bins)
+    _process_setup = load_setup(*settings)
 
 
 def _in_worker(job, item):
     return job(_process_setup, item)
 
 
-def run_frames(job, items, model_path, steps, bins, workers, progress=None, size=len):
-    """Map job(setup, item[, progress]) over frames in `workers` processes (1: in this process).
+def run_frames(job, items, settings, workers, progress=None, size=len):
+    """Map job(setup, item[, progress]) over frames in `workers` processes (1: in this process);
+    settings: the arguments of load_setup.
     Results keep their order. progress(n_bytes) is called as bytes are done: per chunk in this
     process, per frame in a pool."""
     if workers <= 1 or len(items) <= 1:
-        setup = load_setup(model_path, steps, bins)
+        setup = load_setup(*settings)
         return [job(setup, item, progress) for item in items]
     import multiprocessing as mp
     ctx = mp.get_context("spawn")
-    with ctx.Pool(min(workers, len(items)), _init_worker, (model_path, steps, bins)) as pool:
+    with ctx.Pool(min(workers, len(items)), _init_worker, settings) as pool:
         results = []
         for item, res in zip(items, pool.imap(functools.partial(_in_worker, job), items)):
             results.append(res)
@@ -253,18 +309,20 @@ DEFAULT_STEPS = 10
 DEFAULT_BINS = 4
 FRAME_SIZE = 1 << 18
 MIN_SPLIT = 1 << 15
+MAX_LANES = 64
 
 
 def compress(data, model_path=None, steps=DEFAULT_STEPS, bins=DEFAULT_BINS, frame_size=FRAME_SIZE,
-             workers=1, progress=None, fallback=True):
-    """bytes -> (.bfn bytes, coder.Stats summed over the frames)."""
+             workers=1, progress=None, fallback=True, chunk_len=None):
+    """bytes -> (.bfn bytes, coder.Stats summed over the frames). chunk_len: the chunk length
+    to code with, where the model knows several (None: its default)."""
     model_path = model_path or DEFAULT_MODEL
-    setup = load_setup(model_path, steps, bins)
+    settings = (model_path, steps, bins, chunk_len)
+    setup = load_setup(*settings)
     cfg = setup.predictor.cfg
     parts = split_frames(bytes(data), frame_size)
-    frames = run_frames(functools.partial(encode_job, fallback=fallback), parts, model_path, steps, bins,
-                        workers, progress)
-    header = container.Header(setup.fingerprint, steps, bins, cfg.chunk_len, cfg.context_len, frame_size,
+    frames = run_frames(functools.partial(encode_job, fallback=fallback), parts, settings, workers, progress)
+    header = container.Header(setup.fingerprint, steps, bins, setup.predictor.chunk_len, cfg.context_len, frame_size,
                               len(data), checksum(data), container.version_for(cfg.output))
     blob = container.pack(header, frames, [checksum(p) for p in parts])
     stats = sum((f.stats for f in frames if f.method == Method.BITS_BACK), coder.Stats())
@@ -290,15 +348,14 @@ def decompress(blob, model_path=None, workers=1, progress=None):
     header, frames, crcs = container.unpack(blob)
     if any(f.method == Method.BITS_BACK for f in frames):
         model_path = model_path or DEFAULT_MODEL
-        setup = load_setup(model_path, header.steps, header.bins)
-        cfg = setup.predictor.cfg
-        if setup.fingerprint != header.model:
+        model, fingerprint, _ = _load_model(model_path)
+        if fingerprint != header.model:
             raise container.FormatError(f"this file needs model {header.model}, but the model given is "
-                                        f"{setup.fingerprint} ({model_path}); pass the right one with --model")
-        if (cfg.chunk_len, cfg.context_len) != (header.chunk_len, header.context_len) \
-                or header.version != container.version_for(cfg.output):
+                                        f"{fingerprint} ({model_path}); pass the right one with --model")
+        if header.chunk_len not in model.chunk_lens or header.context_len != model.cfg.context_len \
+                or header.version != container.version_for(model.cfg.output):
             raise container.FormatError("corrupted .bfn file (settings differ from the model's)")
-        results = run_frames(decode_job, frames, model_path, header.steps, header.bins, workers,
+        results = run_frames(decode_job, frames, (model_path, header.steps, header.bins, header.chunk_len), workers,
                              progress, size=lambda f: f.raw_len)
     else:
         results = [decode_frame(f, None, None) for f in frames]

@@ -1,7 +1,8 @@
 """The .bfn file format (versions 2 and 3). All integers little-endian.
 
-Version 2 files are coded with a model whose output is independent bits; version 3 with a
-joint 256-way output per byte (coder.Bytes). The layout is the same.
+Version 2 files are coded with a model whose output is independent bits, a frame as one
+lane; version 3 with a joint 256-way output per byte (coder.Bytes), a frame as lanes of at
+least 2048 bytes (codec.lanes). The layout is the same.
 
     magic      4  b"BFN\\x1a"
     version    1
@@ -27,6 +28,9 @@ import zlib
 
 MAGIC = b"BFN\x1a"
 VERSIONS = {"bits": 2, "bytes": 3}     # by output family; 2 whitens before the pops of every step
+
+
+LANE_BYTES = {2: 0, 3: 2048}          # lanes of at least this many bytes (0: one lane), codec.lanes
 
 
 def version_for(output):

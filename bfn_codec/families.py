@@ -53,7 +53,7 @@ class Bits:
     def bit_probs(self, log_p):
         return log_p.float().exp()
 
-    def step_kl(self, log_p, v, acc, generator=None):
+    def step_kl(self, log_p, v, acc, generator=None, samples=1):
         """Per-byte KL of one step (sec. 6.9), exact quadrature per bit: (...,)."""
         return bfn.step_kl(log_p, v, acc, generator).sum(-1)
 
@@ -98,13 +98,16 @@ class Bytes:
             one = (p @ self.table(p)).clamp(0, 1)
         return torch.stack([1 - one, one], -1)
 
-    def step_kl(self, log_p, v, acc, generator=None):
-        """One-sample Monte Carlo KL(p_S || p_R) of a byte's V coordinates (sec. 6.9):
-        y ~ p_S, log p_S(y) - log p_R(y) = E(x) - logsumexp_b(log p_O(b) + E(b)), with
-        E(b) = sum_d y_{d, b_d} the evidence of y for byte b (components share a variance)."""
-        e = self.evidence(bfn.sender_sample(v, acc, 2, generator))
+    def step_kl(self, log_p, v, acc, generator=None, samples=1):
+        """Monte Carlo KL(p_S || p_R) of a byte's V coordinates (sec. 6.9), averaged over
+        `samples` sender samples y ~ p_S: log p_S(y) - log p_R(y) = E(x) - logsumexp_b(log p_O(b)
+        + E(b)), with E(b) = sum_d y_{d, b_d} the evidence of y for byte b (components share
+        a variance)."""
+        v = v.unsqueeze(-2).expand(v.shape[:-1] + (samples, v.shape[-1]))
+        e = self.evidence(bfn.sender_sample(v, acc, 2, generator))           # (..., samples, 256)
         x = to_byte(v)
-        return e.gather(-1, x.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(log_p.float() + e, -1)
+        kl = e.gather(-1, x.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(log_p.float().unsqueeze(-2) + e, -1)
+        return kl.mean(-1)
 
     def draw(self, log_p, generator=None):
         return symbol_bits(self.V, device=log_p.device)[bfn.draw_categorical(log_p.float(), generator)]

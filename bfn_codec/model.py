@@ -7,8 +7,9 @@ and offers the same interface to training and coding:
 - `seq_len`, `split(x)`: a training sequence of bytes -> (clean input, variables (B, C, L, V));
 - `context(clean)`: what the chunks of a training sequence read of their clean context;
 - `forward(z, t, context)`: log p_O for chunks z (B, C, L, V, 2) at times t (B, C);
-- `coding_context()`: an object whose `advance(previous_chunk_bytes)` gives the next chunk's
-  context state while a file is coded, and `prepare(state)`, what `forward` then takes.
+- `coding_context()`: an object whose `advance(previous_chunks)` gives the next chunks'
+  context states (one row per lane) while a file is coded, and `prepare(states)`, what
+  `forward` then takes.
 """
 import dataclasses
 import hashlib
@@ -42,6 +43,7 @@ class ModelConfig:
     step_d_model: int = 64    # sar: width of the per-step network
     step_layers: int = 2      # sar: its transformer blocks (0: the autoregressive reference, L = 1)
     step_heads: int = 4       # sar: its attention heads
+    coding_chunk_len: int = 0  # chunk length files are coded with by default (0: chunk_len)
 
     @property
     def n_symbols(self):
@@ -72,7 +74,7 @@ def fingerprint(config, state):
     for name in sorted(state):
         h.update(name.encode())
         buf = io.BytesIO()
-        tensor = state[name].contiguous().cpu()
+        tensor = state[name].contiguous().cpu().reshape(-1)
         buf.write(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
         h.update(buf.getvalue())
     return h.hexdigest()[:16]
@@ -119,7 +121,7 @@ def generate(model, length, steps, generator=None, prompt=b""):
     coding = model.coding_context()
     out, previous = b"", prompt
     while len(out) < length:
-        context = model.prepare(coding.advance(previous))
+        context = model.prepare(coding.advance([previous]))
         net = lambda z, t: model(z[:, None].to(dtype), t[:, None].to(dtype), context)[:, 0]
         chunk = bfn.sample(net, (1, cfg.chunk_len, cfg.V), steps, cfg.beta1, cfg.K, generator, model.family.draw)
         previous = bytes(to_symbols(chunk[0], cfg).tolist())

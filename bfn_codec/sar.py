@@ -10,14 +10,19 @@ The per-step network sees one chunk of L bytes: each byte's beliefs (the bits' l
 2 theta - 1, and the soft byte embedding sum_b p(b | theta) e_b of the 256-way distribution
 of the independent beliefs), its position in the chunk, the time t (sec. 6.6) and the
 context state; `step_layers` transformer blocks attend within the chunk. It runs n times
-per chunk. Its output `delta` goes through the output family (families.py).
+per chunk. Its output `delta` goes through the output family (families.py): delta is a
+prior for each position of the chunk, read from the context state alone (the t = 0
+prediction, which the exact Bayesian update would keep), plus the per-step network's
+correction.
 
 `step_layers = 0` with L = 1 is the autoregressive reference: delta comes from the context
 state alone, p_O is the exact Bayesian posterior of a once-per-byte prediction, and the
 n-step code length equals that prediction's cross-entropy at any n.
 
 In training one sequence of `context_len` bytes holds C = context_len / L chunks, each with
-its own t; the context network runs once over the clean sequence.
+its own t; the context network runs once over the clean sequence. `cfg.chunk_len` is the
+longest chunk the per-step network knows; a model trained on several chunk lengths
+(`TrainConfig.chunk_lens`) codes files at any of them (`bfn-compress --chunk-len`).
 """
 import torch
 import torch.nn as nn
@@ -33,6 +38,7 @@ class SARNet(nn.Module):
         super().__init__()
         if cfg.context_len % cfg.chunk_len:
             raise ValueError("context_len must be a multiple of chunk_len")
+        self.chunk_lens = range(1, cfg.chunk_len + 1)      # what it can code with
         if cfg.step_layers == 0 and cfg.chunk_len != 1:
             raise ValueError("step_layers = 0 (the autoregressive reference) needs chunk_len 1")
         self.cfg = cfg
@@ -48,6 +54,9 @@ class SARNet(nn.Module):
             self.pos_emb = nn.Embedding(cfg.chunk_len, ds)
             self.time_mlp = nn.Sequential(nn.Linear(32, ds), nn.GELU(), nn.Linear(ds, ds))
             self.step_blocks = nn.ModuleList(Block(ds, cfg.step_heads) for _ in range(cfg.step_layers))
+            self.prior = nn.Linear(ds, cfg.chunk_len * self.family.n_out)     # the chunk's t = 0 prediction
+            nn.init.zeros_(self.prior.weight)
+            nn.init.zeros_(self.prior.bias)
             self.register_buffer("bit_table", symbol_bits(cfg.V).float(), persistent=False)
         self.ln_out = nn.LayerNorm(ds)
         self.head = nn.Linear(ds, self.family.n_out)
@@ -58,13 +67,15 @@ class SARNet(nn.Module):
     def seq_len(self):
         return self.cfg.context_len
 
-    def split(self, x):
-        """(B, T) training bytes -> (the clean bytes, variables (B, C, L, V))."""
+    def split(self, x, chunk_len=None):
+        """(B, T) training bytes -> (the clean bytes, variables (B, C, L, V)); L: chunk_len,
+        at most cfg.chunk_len (the chunk positions the per-step network knows)."""
         B, T = x.shape
-        return x, to_vars(x.reshape(B, T // self.cfg.chunk_len, self.cfg.chunk_len), self.cfg)
+        L = chunk_len or self.cfg.chunk_len
+        return x, to_vars(x.reshape(B, T // L, L), self.cfg)
 
-    def context(self, x):
-        """Context states of all chunks of a clean sequence x (B, T) -> (B, C, step_d_model)."""
+    def context(self, x, chunk_len=None):
+        """Context states of all chunks of length chunk_len of a clean sequence x (B, T) -> (B, C, ds)."""
         B, T = x.shape
         tokens = torch.cat([torch.full((B, 1), BOS, dtype=x.dtype, device=x.device), x[:, :-1]], 1)
         h = self.byte_emb(tokens)
@@ -73,7 +84,7 @@ class SARNet(nn.Module):
         for block in self.blocks:
             q, k, v = block.heads(h, tables)
             h = block.finish(h, q, k, v, causal)
-        return self.ctx_out(self.ln_ctx(h[:, ::self.cfg.chunk_len]))
+        return self.ctx_out(self.ln_ctx(h[:, ::chunk_len or self.cfg.chunk_len]))
 
     def forward(self, z, t, state):
         """log p_O for chunks: z (B, C, L, V, 2), t (B, C), state (B, C, ds) from `context`."""
@@ -88,7 +99,8 @@ class SARNet(nn.Module):
         for block in self.step_blocks:
             q, k, v = block.heads(h)
             h = block.finish(h, q, k, v, None)
-        delta = self.head(self.ln_out(h)).reshape(B, C, L, -1)
+        prior = self.prior(state).reshape(B, C, self.cfg.chunk_len, -1)[:, :, :L]
+        delta = self.head(self.ln_out(h)).reshape(B, C, L, -1) + prior
         return self.family.log_probs(z, delta)
 
     def coding_context(self):
@@ -102,35 +114,45 @@ class SARNet(nn.Module):
 
 
 class ContextCache:
-    """The context network at coding time: keys and values of the last `context_len` tokens,
-    extended by each chunk's bytes once they are known. `advance(previous_chunk)` returns the
-    next chunk's context state (1, 1, ds); the first call adds the BOS token first. Encoder and decoder call it with the same shapes
-    in the same order, so both compute identical states."""
+    """The context network at coding time, for a batch of lanes: keys and values of the last
+    `context_len` tokens of every lane, extended by each chunk's bytes once they are known.
+    `advance(previous_chunks)` takes the previous chunk of each lane still going (equal
+    lengths; the lanes that stopped are the last ones) and returns the next chunk's context
+    states (lanes, 1, ds); the first call puts the BOS token first. Encoder and decoder call
+    it with the same shapes in the same order, so both compute identical states."""
+
+    SLACK = 256            # tokens written past the window before the buffers are compacted
 
     def __init__(self, net):
         self.net = net
-        self.kv = [None] * len(net.blocks)
-        self.pos = 0
+        self.keys = self.values = None      # per layer: (lanes, heads, W + SLACK, head_dim)
+        self.base = self.pos = 0            # token number of buffer row 0; tokens so far
 
     @torch.no_grad()
-    def advance(self, chunk_bytes):
-        net = self.net
+    def advance(self, previous_chunks):
+        net, W = self.net, self.net.cfg.context_len
         dtype = net.head.weight.dtype
-        tokens = torch.as_tensor(([] if self.pos else [BOS]) + list(chunk_bytes), dtype=torch.long)[None]
-        m = tokens.shape[1]
+        rows = [([] if self.pos else [BOS]) + [int(b) for b in chunk] for chunk in previous_chunks]
+        tokens = torch.tensor(rows, dtype=torch.long)
+        lanes, m = tokens.shape
         h = net.byte_emb(tokens).to(dtype)
-        pos = torch.arange(self.pos, self.pos + m)
-        tables = rotary_tables(pos, net.cfg.d_model // net.cfg.n_heads, dtype)
-        for li, block in enumerate(net.blocks):
+        tables = rotary_tables(torch.arange(self.pos, self.pos + m), net.cfg.d_model // net.cfg.n_heads, dtype)
+        if self.keys is None:
+            shape = (lanes, net.cfg.n_heads, W + max(self.SLACK, m), net.cfg.d_model // net.cfg.n_heads)
+            self.keys = [torch.zeros(shape, dtype=dtype) for _ in net.blocks]
+            self.values = [torch.zeros(shape, dtype=dtype) for _ in net.blocks]
+        if self.pos + m - self.base > self.keys[0].shape[2]:        # compact: keep the last W tokens
+            keep = min(W, self.pos - self.base)
+            for buf in self.keys + self.values:
+                buf[:, :, :keep] = buf[:, :, self.pos - self.base - keep:self.pos - self.base].clone()
+            self.base = self.pos - keep
+        lo = max(self.base, self.pos - W) - self.base              # the window, then the new tokens
+        at = self.pos - self.base
+        mask = torch.ones(m, at - lo + m, dtype=torch.bool).tril(at - lo)
+        for block, keys, values in zip(net.blocks, self.keys, self.values):
             q, k, v = block.heads(h, tables)
-            if self.kv[li] is not None:
-                k = torch.cat([self.kv[li][0], k], 2)
-                v = torch.cat([self.kv[li][1], v], 2)
-            c = k.shape[2] - m
-            mask = torch.ones(m, c + m, dtype=torch.bool).tril(c)
-            h = block.finish(h, q, k, v, mask)
-            keep = net.cfg.context_len
-            self.kv[li] = (k[:, :, -keep:], v[:, :, -keep:])
+            keys[:lanes, :, at:at + m] = k
+            values[:lanes, :, at:at + m] = v
+            h = block.finish(h, q, keys[:lanes, :, lo:at + m], values[:lanes, :, lo:at + m], mask)
         self.pos += m
         return net.ctx_out(net.ln_ctx(h[:, -1:]))
-

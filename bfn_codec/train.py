@@ -27,6 +27,8 @@ class TrainConfig:
     code_fraction: float = 0.0     # share of sequences drawn from code.txt.xz
     loss: str = "continuous"       # "continuous" (L^inf), "discrete" (L^n at n_steps, + L^r) or "ce" (t = 0 only)
     n_steps: int = 10              # n for the discrete loss and for validation
+    kl_samples: int = 8            # sender samples per Monte Carlo KL (joint byte output)
+    chunk_lens: str = ""           # sar: chunk lengths drawn per batch, e.g. "1,2,4" ("": the model's chunk_len)
     aux_ce: float = 0.0            # weight of an extra cross-entropy of p_O at t = 0 (context only)
     batch_size: int = 32
     lr: float = 1e-3
@@ -59,16 +61,19 @@ def step_times(step, n):
     return ((step - 1) / n).clamp(max=1.0)
 
 
-def loss_per_byte(net, x, tcfg, generator, t=None, step=None):
+def loss_per_byte(net, x, tcfg, generator, t=None, step=None, chunk_len=None):
     """Training loss in nats per byte for a batch x (B, seq_len); t or step may be given (tests).
 
     continuous: L^inf with stratified t (sec. 6.10); discrete: L^n + L^r at n = n_steps, one
     sampled step per chunk (sec. 6.9); ce: -log p_O(x) at t = 0 (the autoregressive reference,
     whose n-step code length is this cross-entropy at any n)."""
     cfg, family = net.cfg, net.family
-    clean, v = net.split(x)
-    B, C = v.shape[:2]
-    context = net.context(clean)
+    if chunk_len is None and tcfg.chunk_lens:
+        lens = [int(n) for n in tcfg.chunk_lens.split(",")]
+        chunk_len = lens[int(torch.randint(len(lens), (), generator=generator))]
+    clean, v = net.split(x, chunk_len)
+    B, C, L = v.shape[:3]
+    context = net.context(clean, chunk_len)
     if tcfg.loss == "continuous":
         if t is None:   # stratified over the batch: lower variance than i.i.d. times
             u = torch.rand(B, C, generator=generator)
@@ -82,14 +87,14 @@ def loss_per_byte(net, x, tcfg, generator, t=None, step=None):
         t = step_times(step, n)
         z = bfn.flow_sample(v, t, cfg.beta1, cfg.K, generator)
         log_p = net(z, t, context)
-        kl = family.step_kl(log_p, v, bfn.alpha(step.float(), n, cfg.beta1), generator)
+        kl = family.step_kl(log_p, v, bfn.alpha(step.float(), n, cfg.beta1), generator, tcfg.kl_samples)
         per_byte = torch.where((step > n)[..., None], family.reconstruction(log_p, v), kl)
         loss = (n + 1) * per_byte.flatten(1).sum(1)
     else:
         loss = _loss_at_start(net, v, context).flatten(1).sum(1)
     if tcfg.aux_ce:
         loss = loss + tcfg.aux_ce * _loss_at_start(net, v, context).flatten(1).sum(1)
-    return loss.mean() / (C * cfg.chunk_len)
+    return loss.mean() / (C * L)
 
 
 def _loss_at_start(net, v, context):
@@ -100,15 +105,16 @@ def _loss_at_start(net, v, context):
 
 
 @torch.no_grad()
-def evaluate(net, val, tcfg, n_list=None):
-    """Validation in bits per byte: L^inf (stratified t), and for each n: L^n, L^r and their sum."""
+def evaluate(net, val, tcfg, n_list=None, chunk_len=None):
+    """Validation in bits per byte: L^inf (stratified t), and for each n: L^n, L^r and their sum.
+    chunk_len: the chunk length to evaluate a sar model at (default its chunk_len)."""
     cfg, family = net.cfg, net.family
     S = net.seq_len
     x = torch.from_numpy(val[:len(val) // S * S].astype(np.int64)).reshape(-1, S)
     g = torch.Generator().manual_seed(1234)
-    clean, v = net.split(x)
+    clean, v = net.split(x, chunk_len)
     B, C = v.shape[:2]
-    context = net.context(clean)
+    context = net.context(clean, chunk_len)
     nbytes = v.shape[:3].numel()
     t = (torch.arange(B * C).reshape(B, C).remainder(64) + torch.rand(B, C, generator=g)) / 64
     z = bfn.flow_sample(v, t, cfg.beta1, cfg.K, g)
@@ -119,7 +125,7 @@ def evaluate(net, val, tcfg, n_list=None):
         for i in range(1, n + 1):
             t = torch.full((B, C), (i - 1) / n)
             z = bfn.flow_sample(v, t, cfg.beta1, cfg.K, g)
-            total += family.step_kl(net(z, t, context), v, bfn.alpha(i, n, cfg.beta1), g).sum().item()
+            total += family.step_kl(net(z, t, context), v, bfn.alpha(i, n, cfg.beta1), g, tcfg.kl_samples).sum().item()
         z = bfn.flow_sample(v, torch.ones(B, C), cfg.beta1, cfg.K, g)
         rec = family.reconstruction(net(z, torch.ones(B, C), context), v).sum().item()
         out[f"val_n{n}"] = bfn.bits(total) / nbytes
@@ -140,7 +146,7 @@ class Trainer:
             mcfg = ModelConfig(**blob["config"]["model"])
             saved = blob["config"]["train"]
             keep = {"minutes", "max_steps", "threads", "eval_minutes", "ckpt_minutes", "data_dir",
-                    "aux_ce", "lr", "loss", "code_fraction"}  # a resumed run may change budgets and the curriculum
+                    "aux_ce", "lr", "loss", "code_fraction", "kl_samples", "chunk_lens"}  # budgets, curriculum
             given = keep if overrides is None else keep & set(overrides)
             tcfg = TrainConfig(**{**saved, **{k: getattr(tcfg, k) for k in given}})
         else:

@@ -51,10 +51,11 @@ def tiny_model(trained):
 
 @pytest.fixture(scope="session")
 def tiny_sar(tmp_path_factory, corpus):
-    """Weights of a tiny semi-autoregressive model (joint byte output, 2-byte chunks)
-    trained on TEXT with the discrete-time loss."""
+    """Weights of a tiny semi-autoregressive model (joint byte output, chunks of 1 and 2
+    bytes) trained on TEXT with the discrete-time loss."""
     out = tmp_path_factory.mktemp("sar")
-    trainer = Trainer(out, TINY_SAR, tiny_train_config(corpus, batch_size=8, max_steps=250, loss="discrete"))
+    trainer = Trainer(out, TINY_SAR, tiny_train_config(corpus, batch_size=8, max_steps=250, loss="discrete",
+                                                       chunk_lens="1,2", aux_ce=1.0))
     trainer.run()
     path = out / "tiny_sar.pt"
     save_weights(path, trainer.ema)

@@ -66,25 +66,30 @@ def test_round_trips_through_fresh_processes(compressed, tiny_model):
     assert container.Method.XZ in [f.method for f in container.unpack((out / "run.bfn").read_bytes())[1]]
 
 
-def test_worker_and_thread_counts_do_not_change_the_stream(tmp_path, tiny_model):
+@pytest.mark.parametrize("kind, size", [("tiny_model", 4000), ("tiny_sar", 1600)])
+def test_worker_and_thread_counts_do_not_change_the_stream(tmp_path, request, kind, size):
+    model = request.getfixturevalue(kind)
     src = tmp_path / "t.txt"
-    src.write_bytes(TEXT[:4000])
+    src.write_bytes(TEXT[:size])
     blobs = []
     for k, (threads, workers) in enumerate([("1", "1"), ("2", "2"), ("3", "1")]):
-        r = run("bfn-compress", "-q", "-c", "-f", "-T", workers, "--frame-size", "2000", "--model", str(tiny_model),
-                str(src), env={"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads})
+        r = run("bfn-compress", "-q", "-c", "-f", "--no-fallback", "-T", workers, "--frame-size", str(size // 2),
+                "--model", str(model), str(src), env={"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads})
         assert r.returncode == 0, r.stderr
         blobs.append(r.stdout)
     assert blobs[0] == blobs[1] == blobs[2]
-    r = run("bfn-decompress", "-c", "-T", "1", "--model", str(tiny_model), stdin=blobs[0],
+    assert all(f.method == container.Method.BITS_BACK for f in container.unpack(blobs[0])[1])
+    r = run("bfn-decompress", "-c", "-T", "1", "--model", str(model), stdin=blobs[0],
             env={"OMP_NUM_THREADS": "2"})
-    assert r.returncode == 0 and r.stdout == TEXT[:4000]
+    assert r.returncode == 0 and r.stdout == TEXT[:size]
 
 
-def test_tiny_perturbation_of_the_network_does_not_change_the_stream(tiny_model, monkeypatch):
+@pytest.mark.parametrize("kind, size", [("tiny_model", 2000), ("tiny_sar", 600)])
+def test_tiny_perturbation_of_the_network_does_not_change_the_stream(request, monkeypatch, kind, size):
     """Network outputs off by a relative 1e-12 (another machine's last bits) give the same stream."""
     from bfn_codec import coder as bb
-    data = TEXT[:2000]
+    tiny_model = request.getfixturevalue(kind)
+    data = TEXT[:size]
     reference = codec.compress(data, str(tiny_model), fallback=False)[0]
     real = bb.quantise_logit
     calls = []
@@ -208,3 +213,15 @@ def test_bits_back_frames_round_trip_in_process(tiny_model):
         frame = codec.encode_frame(data, pred, sch, fallback=False)
         assert frame.method == container.Method.BITS_BACK
         assert codec.decode_frame(frame, pred, sch) == data
+
+
+def test_a_model_trained_on_several_chunk_lengths_codes_with_each(tiny_sar):
+    """--chunk-len picks the chunk length; the header records it, decoding follows it, and a
+    length the model does not know is a clear error."""
+    data = TEXT[:300]
+    blobs = {L: codec.compress(data, str(tiny_sar), steps=4, fallback=False, chunk_len=L)[0] for L in (1, 2)}
+    assert blobs[1] != blobs[2]
+    for L, blob in blobs.items():
+        assert container.unpack(blob)[0].chunk_len == L and codec.decompress(blob, str(tiny_sar)) == data
+    with pytest.raises(container.FormatError, match="not 3"):
+        codec.compress(data, str(tiny_sar), chunk_len=3)

@@ -153,12 +153,12 @@ def check_code_length(model, data, n, reps=2, mc_tolerance=0.03):
     sch = bb.Schedule(n, cfg.beta1, 4.0)
     bounds = codec.chunk_bounds(len(data), cfg.chunk_len)
     contexts = pred.contexts()
-    states = [contexts.advance(data[prev:a]) for prev, (a, _) in zip([0] + [a for a, _ in bounds[:-1]], bounds)]
+    states = [contexts.advance([data[prev:a]]) for prev, (a, _) in zip([0] + [a for a, _ in bounds[:-1]], bounds)]
     stack = fresh_stack(1 << 14)
     start = codec.information_bits(stack)
     stats = bb.Stats()
     for k, (a, b) in reversed(list(enumerate(bounds))):
-        bb.encode_chunk(stack, sch, pred.family, bb.bytes_to_bits(data[a:b]), pred.for_chunk(states[k], b - a), k,
+        bb.encode_chunk(stack, sch, pred.family, bb.bytes_to_bits(data[a:b]), pred.for_stripe(states[k], [b - a]), k,
                         stats)
     actual = codec.information_bits(stack) - start
     assert actual == pytest.approx(stats.model_bits, rel=0.01)
@@ -250,8 +250,8 @@ def test_probe_skips_the_bfn_where_it_cannot_win(tiny_model):
     model, _, _ = load_weights(tiny_model)
     pred = codec.Predictor(model)
     calls = []
-    for_chunk = pred.for_chunk
-    pred.for_chunk = lambda *a: calls.append(a) or for_chunk(*a)
+    for_stripe = pred.for_stripe
+    pred.for_stripe = lambda *a: calls.append(a) or for_stripe(*a)
     data = np.random.default_rng(3).integers(0, 256, 4096, dtype=np.uint8).tobytes()
     frame = codec.encode_frame(data, pred, bb.Schedule(10, model.cfg.beta1, 4.0))
     assert frame.method == codec.Method.STORED and frame.payload == data
@@ -324,3 +324,28 @@ def test_bytes_code_length_is_the_trajectory_loss_under_a_miscalibrated_model():
         bb.encode_chunk(stack, sch, BYTES, x, stand_in_bytes, k, stats)
     excess = (codec.information_bits(stack) - start) / stats.model_bits - 1
     assert abs(excess) < 0.015
+
+
+@pytest.mark.parametrize("length, lane_bytes", [(1000, 64), (1000, 100), (700, 0), (130, 64)])
+def test_lanes_round_trip(any_model, length, lane_bytes):
+    """A frame as lanes coded in lock-step (the last one shorter, its last chunk partial)
+    decodes exactly, and the lanes do change the stream."""
+    model, _, _ = load_weights(any_model)
+    pred = codec.Predictor(model)
+    sch = bb.Schedule(4, model.cfg.beta1, 4.0)
+    data = typo_text(length).tobytes()
+    frame = codec.encode_frame(data, pred, sch, lane_bytes, fallback=False)
+    assert codec.decode_frame(frame, pred, sch, lane_bytes) == data
+    if lane_bytes and length >= 2 * lane_bytes:
+        assert len(codec.lanes(length, model.cfg.chunk_len, lane_bytes)) >= 2
+        assert codec.encode_frame(data, pred, sch, 0, fallback=False).payload != frame.payload
+
+
+def test_lanes_depend_only_on_the_length():
+    layout = codec.lanes(100_000, 2, 4096)
+    assert len(layout) == 24 and layout[0] == (0, 4168) and layout[-1][1] == 100_000
+    assert all((b - a) % 2 == 0 for a, b in layout[:-1])
+    assert codec.lanes(8191, 2, 4096) == [(0, 8191)]
+    assert len(codec.lanes(10 ** 7, 2, 4096)) == codec.MAX_LANES
+    plan = codec.stripes(codec.lanes(1001, 4, 100), 4)
+    assert sorted(i for chunks in plan for a, b in chunks for i in range(a, b)) == list(range(1001))

@@ -90,7 +90,7 @@ def test_cached_context_equals_the_training_pass(window):
     seq = torch.randint(0, 256, (1, 16))
     full = net.context(seq)                                     # (1, 8, ds)
     cache = net.coding_context()
-    states = [cache.advance(seq[0, max(0, 2 * j - 2):2 * j].tolist()) for j in range(8)]
+    states = [cache.advance([seq[0, max(0, 2 * j - 2):2 * j].tolist()]) for j in range(8)]
     gap = max((full[:, j] - states[j][:, 0]).abs().max().item() for j in range(8))
     assert gap < 1e-10 if window == 16 else gap > 1e-3
 
@@ -135,3 +135,46 @@ def test_weights_file_names_its_design_and_is_checked(tmp_path):
     torch.save(blob, tmp_path / "mismatch.pt")
     with pytest.raises(ModelError, match="do not fit"):
         load_weights(tmp_path / "mismatch.pt")
+
+
+def test_a_new_design_is_one_class_and_one_registry_line(tmp_path, monkeypatch):
+    """A second network design, registered under its own name, codes a round trip through
+    the public compress/decompress functions, and its weights file names it."""
+    from bfn_codec import codec, model as model_module
+    from bfn_codec.chunknet import ChunkNet
+
+    class Tempered(ChunkNet):
+        """The chunk network with its output logits tempered by a learned scale."""
+        def __init__(self, cfg):
+            super().__init__(cfg)
+            self.scale = torch.nn.Parameter(torch.tensor(0.7))
+
+        def forward(self, z, t, cache=None):
+            return (super().forward(z, t, cache) * self.scale).log_softmax(-1)
+
+    monkeypatch.setitem(model_module.ARCHS, "tempered", Tempered)
+    cfg = dataclasses.replace(CFG, arch="tempered", rope=True)
+    net = build(cfg)
+    torch.nn.init.normal_(net.head.weight, std=0.3)
+    save_weights(tmp_path / "t.pt", net)
+    assert type(load_weights(tmp_path / "t.pt")[0]) is Tempered
+    data = b"A second design, coded bits-back end to end. " * 4
+    blob, stats = codec.compress(data, str(tmp_path / "t.pt"), steps=4, fallback=False)
+    assert stats.bfn_bytes > 0 and codec.decompress(blob, str(tmp_path / "t.pt")) == data
+    monkeypatch.delitem(model_module.ARCHS, "tempered")
+    with pytest.raises(Exception, match="tempered"):
+        codec.load_setup.cache_clear() or codec._load_model.cache_clear() or codec.decompress(blob, str(tmp_path / "t.pt"))
+
+
+def test_context_cache_compaction_keeps_the_states(monkeypatch):
+    """The coding-time buffers are compacted now and then; the states do not change."""
+    from bfn_codec.sar import ContextCache
+    net = random_sar(dataclasses.replace(SAR, context_len=8))
+    seq = torch.randint(0, 256, (3, 120))
+    runs = []
+    for slack in (3, 1000):
+        monkeypatch.setattr(ContextCache, "SLACK", slack)
+        cache = net.coding_context()
+        runs.append([cache.advance([seq[j, max(0, 2 * k - 2):2 * k].tolist() for j in range(3 - (k > 50))])
+                     for k in range(60)])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
