@@ -52,10 +52,10 @@ def on_texts(model, paths, n=10):
 def flow(model, n, seed=0):
     """p(true byte) and the most likely byte at t_i = i / n along one sender trajectory."""
     cfg = model.cfg
-    L = cfg.chunk_len
+    L = max(model.chunk_lens)
     x = torch.tensor(list(SENTENCE[:L].ljust(L)), dtype=torch.long)
-    ctx = torch.tensor(list(CONTEXT[-cfg.context_len:]), dtype=torch.long)[None]
-    cache = model.context(ctx) if cfg.context_len else None
+    coding = model.coding_context()
+    context = model.prepare(coding.advance([CONTEXT[-cfg.context_len:]]))
     v = to_vars(x, cfg)[None, None]                       # (1, 1, L, V)
     g = torch.Generator().manual_seed(seed)
     z = torch.zeros(v.shape + (cfg.K,), dtype=torch.float64)
@@ -63,11 +63,9 @@ def flow(model, n, seed=0):
     for i in range(n + 1):
         if i:
             z = z + bfn.sender_sample(v, bfn.alpha(i, n, cfg.beta1), cfg.K, g).double()
-        p_one = model(z, torch.full((1, 1), i / n, dtype=torch.float64), cache)[0, 0, :, :, 1].exp()
-        p_true = torch.where(v[0, 0] == 1, p_one, 1 - p_one).prod(-1)
-        probs.append(p_true.numpy())
-        bits = (p_one > 0.5).long()
-        best.append(bytes((bits * 2 ** torch.arange(cfg.V - 1, -1, -1)).sum(-1).tolist()))
+        log_p = model.family.byte_log_probs(model(z, torch.full((1, 1), i / n, dtype=torch.float64), context))[0, 0]
+        probs.append(log_p.gather(-1, x[:, None]).squeeze(-1).exp().numpy())
+        best.append(bytes(log_p.argmax(-1).tolist()))
     return x, np.array(probs), best
 
 

@@ -81,14 +81,16 @@ def step_kl_binary(log_p, x, acc):
     return kl.clamp(min=0).float()
 
 
-def step_kl_sample(log_p, x, acc, generator=None):
-    """One-sample Monte Carlo estimate of the same KL for any K (sec. 6.9).
+def log_ratio(log_p, x, y):
+    """log p_S(y | x) - log p_R(y | theta) for a sender sample y (..., K) of class x (sec. 6.9):
+    the receiver's components share the sender's variance, so the ratio is
+    y_x - logsumexp(log p_O + y)."""
+    return y.gather(-1, x.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(log_p.float() + y, -1)
 
-    With y ~ p_S and common variance, log p_S(y) - log p_R(y) = y_x - logsumexp(log p_O + y).
-    """
-    y = sender_sample(x, acc, log_p.shape[-1], generator)
-    y_x = y.gather(-1, x.unsqueeze(-1)).squeeze(-1)
-    return y_x - torch.logsumexp(log_p.float() + y, -1)
+
+def step_kl_sample(log_p, x, acc, generator=None):
+    """One-sample Monte Carlo estimate of the same KL for any K (sec. 6.9)."""
+    return log_ratio(log_p, x, sender_sample(x, acc, log_p.shape[-1], generator))
 
 
 def step_kl(log_p, x, acc, generator=None):
@@ -99,17 +101,8 @@ def step_kl(log_p, x, acc, generator=None):
 
 
 def reconstruction_loss(log_p, x):
-    """L^r(x) = -log p_O(x | theta_1; 1), summed over variables (sec. 6.9)."""
-    return -log_p.float().gather(-1, x.unsqueeze(-1)).squeeze(-1).flatten(1).sum(1)
-
-
-def discrete_loss(log_p, x, i, n, beta1, generator=None):
-    """n-step loss estimate L^n = n E_i KL(p_S || p_R) at sampled steps i (sec. 6.9).
-
-    log_p must be the network output at theta ~ p_F(. | x; t_{i-1}), t_{i-1} = (i - 1) / n.
-    """
-    kl = step_kl(log_p, x, alpha(i.float(), n, beta1), generator)
-    return n * kl.flatten(1).sum(1)
+    """L^r(x) = -log p_O(x | theta_1; 1) per variable (sec. 6.9): log_p (..., K), x (...)."""
+    return -log_p.float().gather(-1, x.unsqueeze(-1)).squeeze(-1)
 
 
 def bits(nats):

@@ -53,6 +53,11 @@ class Bits:
     def bit_probs(self, log_p):
         return log_p.float().exp()
 
+    def byte_log_probs(self, log_p):
+        """log p_O of all 256 byte values: (..., V, 2) -> (..., 256)."""
+        table = symbol_bits(self.V, device=log_p.device).to(log_p.dtype)
+        return log_p[..., 0] @ (1 - table).T + log_p[..., 1] @ table.T
+
     def step_kl(self, log_p, v, acc, generator=None, samples=1):
         """Per-byte KL of one step (sec. 6.9), exact quadrature per bit: (...,)."""
         return bfn.step_kl(log_p, v, acc, generator).sum(-1)
@@ -63,7 +68,7 @@ class Bits:
 
     def reconstruction(self, log_p, v):
         """-log p_O(x) per byte: (...,)."""
-        return -log_p.float().gather(-1, v.unsqueeze(-1)).squeeze(-1).sum(-1)
+        return bfn.reconstruction_loss(log_p, v).sum(-1)
 
 
 class Bytes:
@@ -91,6 +96,9 @@ class Bytes:
         delta = delta.to(torch.float64 if z.dtype == torch.float64 else torch.float32)
         return (self.evidence(z) + delta if self.residual else delta).log_softmax(-1)
 
+    def byte_log_probs(self, log_p):
+        return log_p
+
     def bit_probs(self, log_p):
         """The marginals of every bit: (..., 256) -> (..., V, 2)."""
         p = log_p.float().exp()
@@ -105,15 +113,14 @@ class Bytes:
         a variance)."""
         v = v.unsqueeze(-2).expand(v.shape[:-1] + (samples, v.shape[-1]))
         e = self.evidence(bfn.sender_sample(v, acc, 2, generator))           # (..., samples, 256)
-        x = to_byte(v)
-        kl = e.gather(-1, x.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(log_p.float().unsqueeze(-2) + e, -1)
+        kl = bfn.log_ratio(log_p.unsqueeze(-2), to_byte(v), e)
         return kl.mean(-1)
 
     def draw(self, log_p, generator=None):
         return symbol_bits(self.V, device=log_p.device)[bfn.draw_categorical(log_p.float(), generator)]
 
     def reconstruction(self, log_p, v):
-        return -log_p.float().gather(-1, to_byte(v).unsqueeze(-1)).squeeze(-1)
+        return bfn.reconstruction_loss(log_p, to_byte(v))
 
 
 def to_byte(v):
@@ -134,4 +141,22 @@ def family_of(cfg):
 def continuous_loss(family, log_p, v, t, beta1):
     """L^inf per sequence on the bits' marginals (sec. 6.10); see bfn.continuous_loss."""
     return bfn.continuous_loss(family.bit_probs(log_p), v, t, beta1)
+
+
+def step_term(family, net, v, i, n, beta1, generator=None, samples=1):
+    """One term of the n-step loss per byte (sec. 6.9), for every chunk of v (B, C, L, V):
+    i (a number or (B, C) integers) in 1..n is step i's KL at theta ~ p_F(. | x; t_{i-1}),
+    i = n + 1 the reconstruction -log p_O(x | theta_n, t = 1). net(z, t) -> log p_O."""
+    i = torch.as_tensor(i, device=v.device).expand(v.shape[:2])
+    t = ((i - 1) / n).clamp(max=1.0)
+    log_p = net(bfn.flow_sample(v, t, beta1, 2, generator), t)
+    kl = family.step_kl(log_p, v, bfn.alpha(i.float(), n, beta1), generator, samples)
+    return torch.where((i > n)[..., None], family.reconstruction(log_p, v), kl)
+
+
+def n_step_loss(family, net, v, n, beta1, generator=None, samples=1):
+    """(L^n, L^r) in nats, summed over all bytes of v (B, C, L, V): every step's KL on a
+    fresh sample of the flow, and the reconstruction (sec. 6.9)."""
+    kl = sum(step_term(family, net, v, i, n, beta1, generator, samples).sum().item() for i in range(1, n + 1))
+    return kl, step_term(family, net, v, n + 1, n, beta1, generator, samples).sum().item()
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from bfn_codec import bfn, codec
+from bfn_codec import bfn, codec, families
 from bfn_codec import coder as bb
 from bfn_codec.model import load_weights, to_vars
 
@@ -173,14 +173,8 @@ def check_code_length(model, data, n, reps=2, mc_tolerance=0.03):
             if context is not None:
                 context = ([(kk.expand(reps, -1, -1, -1), vv.expand(reps, -1, -1, -1)) for kk, vv in context]
                            if isinstance(context, list) else context.expand(reps, -1, -1))
-            for i in range(1, n + 2):
-                t = torch.full((reps, 1), min((i - 1) / n, 1.0), dtype=torch.float64)
-                z = bfn.flow_sample(v, t, cfg.beta1, 2, g).double()
-                log_p = model(z, t, context)
-                if i <= n:
-                    mc += model.family.step_kl(log_p, v, bfn.alpha(i, n, cfg.beta1), g).sum().item() / reps
-                else:
-                    mc += model.family.reconstruction(log_p, v).sum().item() / reps
+            net = lambda z, t: model(z.double(), t.double(), context)
+            mc += sum(families.n_step_loss(model.family, net, v, n, cfg.beta1, g, samples=8)) / reps
     assert actual == pytest.approx(bfn.bits(mc), rel=mc_tolerance)
     return actual, bfn.bits(mc)
 
