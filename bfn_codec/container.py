@@ -41,6 +41,9 @@ _FRAME = struct.Struct("<BIIII")
 _CRC = struct.Struct("<I")
 
 
+MAX_FRAME_SIZE = 1 << 30      # bytes: what a decoder allocates per frame at most
+
+
 class FormatError(ValueError):
     """Not a .bfn file, or a damaged one; the message says which, in one line."""
 
@@ -119,6 +122,7 @@ def unpack(blob):
         pos += size
     if pos != len(blob):
         raise FormatError("corrupted .bfn file (trailing data after the last frame)")
-    if sum(f.raw_len for f in frames) != length:
+    if frame_size > MAX_FRAME_SIZE or any(f.raw_len > frame_size for f in frames) \
+            or sum(f.raw_len for f in frames) != length:
         raise FormatError("corrupted .bfn file (frame table)")
     return header, frames, crcs

@@ -225,3 +225,13 @@ def test_a_model_trained_on_several_chunk_lengths_codes_with_each(tiny_sar):
         assert container.unpack(blob)[0].chunk_len == L and codec.decompress(blob, str(tiny_sar)) == data
     with pytest.raises(container.FormatError, match="not 3"):
         codec.compress(data, str(tiny_sar), chunk_len=3)
+
+
+def test_a_header_cannot_ask_for_more_memory_than_its_frame_size():
+    """A frame longer than the header's frame size (what a decoder allocates) is refused."""
+    frames = [container.Frame(container.Method.STORED, 200, 0, bytes(200))]
+    header = container.Header("0" * 16, 10, 4, 2, 512, 100, 200, codec.checksum(bytes(200)))
+    with pytest.raises(container.FormatError, match="frame table"):
+        container.unpack(container.pack(header, frames, [codec.checksum(bytes(200))]))
+    header.frame_size = 200
+    assert container.unpack(container.pack(header, frames, [codec.checksum(bytes(200))]))[0].length == 200
