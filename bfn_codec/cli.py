@@ -58,8 +58,9 @@ def train_cmd(out_dir, export, **values):
         return
     explicit = {k: v for k, v in values.items() if v is not None}
     trainer = Trainer(out_dir, _build(ModelConfig, values), _build(TrainConfig, values), explicit)
-    click.echo(f"{trainer.net.num_params():,} parameters, step {trainer.step}, "
-               f"{trainer.mcfg}, {trainer.tcfg}", err=True)
+    if trainer.rank == 0:       # under torchrun, rank 0 speaks for all
+        click.echo(f"{trainer.net.num_params():,} parameters, step {trainer.step}, {trainer.world} process(es), "
+                   f"{trainer.mcfg}, {trainer.tcfg}", err=True)
 
     def progress(step, loss):
         if step % 10 == 0:
@@ -72,7 +73,10 @@ def train_cmd(out_dir, export, **values):
         click.echo("\nstopping after this step (evaluating and saving the checkpoint)", err=True)
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
-    trainer.run(progress if sys.stderr.isatty() else None)
+    trainer.run(progress if sys.stderr.isatty() and trainer.rank == 0 else None)
+    if trainer.world > 1:
+        import torch.distributed
+        torch.distributed.destroy_process_group()
 
 
 @click.command()
