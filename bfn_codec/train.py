@@ -31,32 +31,41 @@ from .model import ModelConfig, build
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "train"
 
 
+def resumable(default):
+    """A TrainConfig field that a resumed run may change (a budget, the curriculum, the device)."""
+    return dataclasses.field(default=default, metadata={"resumable": True})
+
+
 @dataclasses.dataclass
 class TrainConfig:
-    data_dir: str = str(DATA)
-    code_fraction: float = 0.0     # share of sequences drawn from code.txt.xz
-    loss: str = "continuous"       # "continuous" (L^inf), "discrete" (L^n at n_steps, + L^r) or "ce" (t = 0 only)
+    data_dir: str = resumable(str(DATA))
+    code_fraction: float = resumable(0.0)  # share of sequences drawn from code.txt.xz
+    loss: str = resumable("continuous")    # "continuous" (L^inf), "discrete" (L^n at n_steps, + L^r) or "ce" (t = 0 only)
     n_steps: int = 10              # n for the discrete loss and for validation
-    kl_samples: int = 8            # sender samples per Monte Carlo KL (joint byte output)
-    chunk_lens: str = ""           # sar: chunk lengths drawn per batch, e.g. "1,2,4" ("": the model's chunk_len)
-    aux_ce: float = 0.0            # weight of an extra cross-entropy of p_O at t = 0 (context only)
+    kl_samples: int = resumable(8)         # sender samples per Monte Carlo KL (joint byte output)
+    chunk_lens: str = resumable("")        # sar: chunk lengths drawn per batch, e.g. "1,2,4" ("": the model's chunk_len)
+    aux_ce: float = resumable(0.0)         # weight of an extra cross-entropy of p_O at t = 0 (context only)
     batch_size: int = 32
-    lr: float = 1e-3
+    lr: float = resumable(1e-3)
     warmup: int = 200
     weight_decay: float = 0.01
     ema: float = 0.999
-    minutes: float = 20.0          # stop after this much training time (this invocation)
-    max_steps: int = 0             # or after this many steps in total (0: no limit)
-    eval_minutes: float = 2.0
-    ckpt_minutes: float = 3.0
+    minutes: float = resumable(20.0)       # stop after this much training time (this invocation)
+    max_steps: int = resumable(0)          # or after this many steps in total (0: no limit)
+    eval_minutes: float = resumable(2.0)
+    ckpt_minutes: float = resumable(3.0)
     val_bytes: int = 32768
     val_offset: int = 200_000      # the validation slice: valid.txt.xz[val_offset : val_offset + val_bytes]
     seed: int = 0
-    threads: int = 0               # 0: torch default
+    threads: int = resumable(0)            # 0: torch default
     bf16: bool = True
-    device: str = "cpu"            # "cpu" or "cuda" (model, batches and loss there; the generators stay on the CPU)
-    compile: bool = False          # torch.compile the network (measured on the CPU at 1-3M parameters: 5-20 % faster
-                                   # with bf16, slower without; about a minute of compiling per shape)
+    device: str = resumable("cpu")         # "cpu" or "cuda" (model, batches and loss there; the generators stay on the CPU)
+    compile: bool = resumable(False)       # torch.compile the network (measured on the CPU at 1-3M parameters: 5-20 %
+                                           # faster with bf16, slower without; about a minute of compiling per shape)
+
+    @classmethod
+    def resumable_fields(cls):
+        return {f.name for f in dataclasses.fields(cls) if f.metadata.get("resumable")}
 
 
 def read_text(path, limit=None):
@@ -85,11 +94,6 @@ def rank_seed(seed, rank, step):
     return seed + rank + 1_000_000 * step
 
 
-def step_times(step, n):
-    """Steps i = 1..n + 1 of the discrete-time loss -> the time t_{i-1} their input is taken at."""
-    return ((step - 1) / n).clamp(max=1.0)
-
-
 def loss_per_byte(net, x, tcfg, generator, t=None, step=None, chunk_len=None):
     """Training loss in nats per byte for a batch x (B, seq_len); t or step may be given (tests).
 
@@ -116,12 +120,9 @@ def loss_per_byte(net, x, tcfg, generator, t=None, step=None, chunk_len=None):
         n = tcfg.n_steps
         if step is None:  # steps 1..n are the KL terms, n + 1 the reconstruction
             step = torch.randint(1, n + 2, (B, C), generator=generator).to(x.device)
-        t = step_times(step, n)
-        z = bfn.flow_sample(v, t, cfg.beta1, cfg.K, noise)
-        log_p = net(z, t, context)
-        kl = family.step_kl(log_p, v, bfn.alpha(step.float(), n, cfg.beta1), noise, tcfg.kl_samples)
-        per_byte = torch.where((step > n)[..., None], family.reconstruction(log_p, v), kl)
-        loss = (n + 1) * per_byte.flatten(1).sum(1)
+        term = families.step_term(family, lambda z, t: net(z, t, context), v, step, n, cfg.beta1, noise,
+                                  tcfg.kl_samples)
+        loss = (n + 1) * term.flatten(1).sum(1)
     else:
         loss = _loss_at_start(net, v, context).flatten(1).sum(1)
     if tcfg.aux_ce:
@@ -155,16 +156,9 @@ def evaluate(net, val, tcfg, n_list=None, chunk_len=None):
     cont = families.continuous_loss(family, net(z, t, context), v, t, cfg.beta1)
     out = {"val_cont": bfn.bits(cont.sum().item()) / nbytes}
     for n in n_list or [tcfg.n_steps]:
-        total = 0.0
-        for i in range(1, n + 1):
-            t = torch.full((B, C), (i - 1) / n, device=dev)
-            z = bfn.flow_sample(v, t, cfg.beta1, cfg.K, noise)
-            total += family.step_kl(net(z, t, context), v, bfn.alpha(i, n, cfg.beta1), noise,
-                                    tcfg.kl_samples).sum().item()
-        ones = torch.ones(B, C, device=dev)
-        z = bfn.flow_sample(v, ones, cfg.beta1, cfg.K, noise)
-        rec = family.reconstruction(net(z, ones, context), v).sum().item()
-        out[f"val_n{n}"] = bfn.bits(total) / nbytes
+        kl, rec = families.n_step_loss(family, lambda z, t: net(z, t, context), v, n, cfg.beta1, noise,
+                                       tcfg.kl_samples)
+        out[f"val_n{n}"] = bfn.bits(kl) / nbytes
         out[f"val_rec{n}"] = bfn.bits(rec) / nbytes
         out[f"val_total{n}"] = out[f"val_n{n}"] + out[f"val_rec{n}"]
     return out
@@ -220,9 +214,7 @@ class Trainer:
             blob = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
             mcfg = ModelConfig(**blob["config"]["model"])
             saved = blob["config"]["train"]
-            keep = {"minutes", "max_steps", "threads", "eval_minutes", "ckpt_minutes", "data_dir",
-                    "aux_ce", "lr", "loss", "code_fraction", "kl_samples", "chunk_lens",   # budgets, curriculum
-                    "device", "compile"}                                                     # where it runs
+            keep = TrainConfig.resumable_fields()
             given = keep if overrides is None else keep & set(overrides)
             tcfg = TrainConfig(**{**saved, **{k: getattr(tcfg, k) for k in given}})
         else:
@@ -352,6 +344,9 @@ class Trainer:
         self.ema.eval()
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.tcfg.bf16):
             metrics = evaluate(self.ema, self.val_data, self.tcfg)
+            for L in sorted({int(n) for n in self.tcfg.chunk_lens.split(",") if n} - {self.mcfg.chunk_len}):
+                res = evaluate(self.ema, self.val_data, self.tcfg, chunk_len=L)    # each other trained length
+                metrics[f"val_total{self.tcfg.n_steps}_L{L}"] = res[f"val_total{self.tcfg.n_steps}"]
         record = {"step": self.step, "bytes": self.bytes_seen, "minutes": self.train_seconds / 60,
                   "train_bpb": bfn.bits(float(np.mean(losses))) if losses else None,
                   "bytes_per_s": (len(losses) * self.world * self.tcfg.batch_size * self.net.seq_len / seconds)
