@@ -178,6 +178,7 @@ def _output_name(src, output, to_stdout, decompress):
 
 def _compress_one(src, dst, opts):
     from . import codec
+    model = _model_path(opts["model"])
     data = _read(src)
     if dst == "-" and sys.stdout.isatty() and not opts["force"]:
         raise Fail("refusing to write compressed data to a terminal (use -o FILE, or -f)")
@@ -185,7 +186,7 @@ def _compress_one(src, dst, opts):
         raise Fail(f"{dst}: already exists; not overwritten (use -f)")
     t0 = time.time()
     with _progress(len(data), os.path.basename(src) if src != "-" else "stdin", opts["quiet"]) as bar:
-        blob, stats = codec.compress(data, opts["model"], opts["steps"], frame_size=opts["frame_size"],
+        blob, stats = codec.compress(data, model, opts["steps"], frame_size=opts["frame_size"],
                                      workers=opts["threads"], progress=bar.update if bar else None,
                                      fallback=opts["fallback"], chunk_len=opts["chunk_len"])
     seconds = time.time() - t0
@@ -254,8 +255,6 @@ def _run(files, output, stdout, force, test, decompress, opts):
             if src != "-" and not os.path.isfile(src):
                 raise Fail(f"{src}: no such file" if not os.path.exists(src) else f"{src}: not a regular file")
             dst = None if test else _output_name(src, output, stdout, decompress)
-            if not (decompress or test):
-                opts["model"] = _model_path(opts["model"])
             with _interrupt_as_error():
                 if decompress or test:
                     _decompress_one(src, dst, opts, test)
