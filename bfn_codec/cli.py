@@ -40,7 +40,8 @@ def _build(cls, values):
 @click.command(context_settings={"show_default": True})
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--export", type=click.Path(dir_okay=False), default=None,
-              help="write the run's EMA weights as a weights file (float16) to this path, and exit")
+              help="write the run's EMA weights as a weights file (float16) to this path, and exit "
+                   "(--coding-chunk-len sets the chunk length its files are coded with by default)")
 @_options_from(ModelConfig)
 @_options_from(TrainConfig)
 def train_cmd(out_dir, export, **values):
@@ -51,6 +52,10 @@ def train_cmd(out_dir, export, **values):
         from .model import load_weights, save_weights
         import torch
         model, _, _ = load_weights(os.path.join(out_dir, "ckpt.pt"), dtype=torch.float32)
+        if values.get("coding_chunk_len"):
+            if values["coding_chunk_len"] not in model.chunk_lens:
+                raise click.UsageError(f"this model codes chunks of {list(model.chunk_lens)} bytes")
+            model.cfg = dataclasses.replace(model.cfg, coding_chunk_len=values["coding_chunk_len"])
         tmp = export + ".tmp"
         save_weights(tmp, model)
         os.replace(tmp, export)
