@@ -111,17 +111,21 @@ class Ppmd(Codec):
 
 
 class Bfn(Codec):
+    """bfn-codec at `steps` with every frame coded by the model (bfn-N), or, with `fallback`,
+    the default path a user gets (bfn-default: per frame the smallest of BFN, xz, stored)."""
     fast = False
 
-    def __init__(self, steps, model_path, workers):
+    def __init__(self, steps, model_path, workers, fallback=False):
         from bfn_codec import codec
         self.codec, self.steps, self.model_path, self.workers = codec, steps, model_path, workers
-        self.name, self.label = f"bfn-{steps}", f"bfn-codec {steps} steps"
+        self.fallback = fallback
+        self.name, self.label = (("bfn-default", f"bfn-codec default ({steps} steps, xz or stored where smaller)")
+                                 if fallback else (f"bfn-{steps}", f"bfn-codec {steps} steps"))
         self.stats = None
 
     def compress(self, data):
         blob, stats = self.codec.compress(data, model_path=self.model_path, steps=self.steps, workers=self.workers,
-                                          fallback=False)
+                                          fallback=self.fallback)
         self.stats = {"expected_bits": self.codec.expected_bits(stats), "model_bits": stats.model_bits,
                       "excess_bits": self.codec.coder_excess_bits(stats)}
         return blob
@@ -162,6 +166,9 @@ def default_model():
 
 def make(name, model_path=None, workers=1):
     """One codec from its name (e.g. "zstd-19", "bfn-10"); raises ImportError if its package is missing."""
+    if name == "bfn-default":
+        from bfn_codec.codec import DEFAULT_STEPS
+        return Bfn(DEFAULT_STEPS, model_path or default_model(), workers, fallback=True)
     if name.startswith("bfn-"):
         return Bfn(int(name[4:]), model_path or default_model(), workers)
     return BASELINES[name]()
@@ -172,7 +179,7 @@ def select(spec, bfn_steps, model_path, workers):
 
     Returns (codecs, notes), notes saying what was skipped and why.
     """
-    names = list(BASELINES) + [f"bfn-{s}" for s in bfn_steps]
+    names = list(BASELINES) + ["bfn-default"] + [f"bfn-{s}" for s in bfn_steps]
     if spec:
         wanted = [w.strip() for w in spec.split(",") if w.strip()]
         unknown = [w for w in wanted if not any(w in (n, n.split("-")[0]) for n in names)]

@@ -33,7 +33,7 @@ def test_benchmark_smoke(tmp_path, tiny_model):
     assert main(argv) == 0
 
     rows = read_rows(out)
-    assert [(r["file"], r["codec"]) for r in rows] == [("rep.txt", c) for c in list(cx.BASELINES) + ["bfn-2"]]
+    assert [(r["file"], r["codec"]) for r in rows] == [("rep.txt", c) for c in list(cx.BASELINES) + ["bfn-default", "bfn-2"]]
     assert all(r["roundtrip_ok"] == "True" for r in rows)
     by = {r["codec"]: r for r in rows}
     assert int(by["gzip-9"]["bytes"]) == len(REPETITIVE)
