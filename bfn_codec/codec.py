@@ -90,59 +90,61 @@ def stripes(layout, chunk_len):
         k += 1
 
 
-def chunk_bounds(n_bytes, chunk_len):
-    return [(a, min(a + chunk_len, n_bytes)) for a in range(0, n_bytes, chunk_len)]
-
-
 def information_bits(stack):
     """Exact information content of an ANS stack, in bits."""
     words, state = stack.pos()
     return 32 * words + (math.log2(state) if state else 0.0)
 
 
-PROBE_CHUNKS = 16      # chunks of a frame sampled to guess whether the BFN can win
-PROBE_RATIO = 0.5      # the BFN codes in more than this share of the t = 0 code length
+PROBE_BYTES = 16       # bytes of a frame sampled to guess whether the BFN can win
+PROBE_CONTEXT = 64     # clean bytes before each of them that the network sees
+PROBE_RATIO = 0.9      # the BFN is taken to code in this share of the sampled bytes' t = 0 code length
 
 
-PROBE_CONTEXT = 256    # clean bytes a probed chunk sees
+def probe_bits(arr, predictor):
+    """A quick guess of what the BFN would spend on a frame: the network's t = 0 prediction of
+    PROBE_BYTES bytes spread over it, each as a one-byte chunk after the same number of clean
+    bytes, in one batched call, scaled up. The t = 0 prediction of the first byte of a
+    chunk is about what the bits-back transmission pays per byte."""
+    window = min(PROBE_CONTEXT, len(arr) // 2)
+    picks = sorted(set(np.linspace(window, len(arr) - 1, min(PROBE_BYTES, len(arr) - window)).astype(int)))
+    states = predictor.contexts().advance([arr[p - window:p] for p in picks])
+    predict = predictor.for_stripe(states, [1] * len(picks))
+    bits = coder.push_symbols(coder.AnsCoder(), predictor.family, predict(np.zeros(8 * len(picks)), 0.0),
+                              coder.bytes_to_bits(arr[picks]))
+    return bits * len(arr) / len(picks)
 
 
-def probe_bits(arr, bounds, predictor):
-    """A quick guess of a frame's direct code length: the network's t = 0 prediction on
-    PROBE_CHUNKS chunks spread over the frame, each on a fresh context of the PROBE_CONTEXT
-    bytes before it, scaled up."""
-    picks = sorted(set(np.linspace(0, len(bounds) - 1, min(PROBE_CHUNKS, len(bounds))).astype(int)))
-    bits = nbytes = 0
-    for k in picks:
-        a, b = bounds[k]
-        state = predictor.contexts().advance([arr[max(0, a - PROBE_CONTEXT):a]])
-        predict = predictor.for_stripe(state, [b - a])
-        bits += coder.push_symbols(coder.AnsCoder(), predictor.family, predict(np.zeros(8 * (b - a)), 0.0),
-                                coder.bytes_to_bits(arr[a:b]))
-        nbytes += b - a
-    return bits * len(arr) / nbytes
+def without_bfn(data, predictor):
+    """The frame stored or as xz, whichever is smaller, where the probe says that the BFN cannot
+    beat it (None where it might); empty data is stored."""
+    if not len(data):
+        return Frame(Method.STORED, 0, 0, b"")
+    best = min([Frame(Method.XZ, len(data), 0, lzma.compress(data, preset=9 | lzma.PRESET_EXTREME)),
+                Frame(Method.STORED, len(data), 0, bytes(data))], key=lambda f: len(f.payload))
+    if PROBE_RATIO * probe_bits(np.frombuffer(data, dtype=np.uint8), predictor) > 8 * len(best.payload):
+        return best
+    return None
 
 
-def encode_frame(data, predictor, sch, lane_bytes=0, fallback=True, progress=None):
-    """bytes -> Frame: bits-back coded, or xz or stored where that is smaller.
+def encode_frame(data, predictor, sch, lane_bytes=0, fallback=True, progress=None, probe=True):
+    """bytes -> Frame: bits-back coded, or (fallback) xz or stored where that is smaller, the
+    BFN skipped where the probe says it cannot win (probe=False: the caller has asked).
 
     The frame's lanes are coded stripe by stripe on one stack, the last stripe first. The
     last stripes (the tail) are coded directly under the network's t = 0 prediction, first,
     so that the bits-back stripes find real information on the stack to pop; the tail grows
     until the stack holds what a stripe pops at its worst point.
     """
-    if not len(data):
-        return Frame(Method.STORED, 0, 0, b"")
+    shortcut = without_bfn(data, predictor) if (fallback and probe) or not len(data) else None
+    if shortcut is not None:
+        if progress:
+            progress(len(data))
+        return shortcut
     arr = np.frombuffer(data, dtype=np.uint8)
     L = predictor.chunk_len
-    others = []
-    if fallback:
-        others = [Frame(Method.XZ, len(data), 0, lzma.compress(data, preset=9 | lzma.PRESET_EXTREME)),
-                  Frame(Method.STORED, len(data), 0, bytes(data))]
-        if PROBE_RATIO * probe_bits(arr, chunk_bounds(len(arr), L), predictor) > 8 * min(len(f.payload) for f in others):
-            if progress:
-                progress(len(data))
-            return min(others, key=lambda f: len(f.payload))
+    others = [Frame(Method.XZ, len(data), 0, lzma.compress(data, preset=9 | lzma.PRESET_EXTREME)),
+              Frame(Method.STORED, len(data), 0, bytes(data))] if fallback else []
     stats = coder.Stats(bfn_bytes=len(data))
     stack = coder.AnsCoder()
     plan = stripes(lanes(len(arr), L, lane_bytes), L)
@@ -240,8 +242,8 @@ def _load_model(model_path):
     return load_weights(model_path)
 
 
-def encode_job(setup, data, progress=None, fallback=True):
-    return encode_frame(data, setup.predictor, setup.schedule, setup.lane_bytes, fallback, progress)
+def encode_job(setup, data, progress=None, fallback=True, probe=True):
+    return encode_frame(data, setup.predictor, setup.schedule, setup.lane_bytes, fallback, progress, probe)
 
 
 def decode_job(setup, frame, progress=None):
@@ -321,7 +323,15 @@ def compress(data, model_path=None, steps=DEFAULT_STEPS, bins=DEFAULT_BINS, fram
     setup = load_setup(*settings)
     cfg = setup.predictor.cfg
     parts = split_frames(bytes(data), frame_size)
-    frames = run_frames(functools.partial(encode_job, fallback=fallback), parts, settings, workers, progress)
+    # frames the BFN cannot win are decided here (a probe each), the rest coded in workers
+    frames = [without_bfn(part, setup.predictor) if fallback else None for part in parts]
+    if progress:
+        progress(sum(f.raw_len for f in frames if f is not None))
+    todo = [k for k, f in enumerate(frames) if f is None]
+    coded = run_frames(functools.partial(encode_job, fallback=fallback, probe=False), [parts[k] for k in todo],
+                       settings, workers, progress)
+    for k, frame in zip(todo, coded):
+        frames[k] = frame
     header = container.Header(setup.fingerprint, steps, bins, setup.predictor.chunk_len, cfg.context_len, frame_size,
                               len(data), checksum(data), container.version_for(cfg.output))
     blob = container.pack(header, frames, [checksum(p) for p in parts])
@@ -331,7 +341,7 @@ def compress(data, model_path=None, steps=DEFAULT_STEPS, bins=DEFAULT_BINS, fram
 
 
 def expected_bits(stats):
-    """The model's n-step loss for all Method.BITS_BACK frames: its rate on the bits-back chunks, applied to
+    """The model's n-step loss for all bits-back frames: its rate on the bits-back chunks, applied to
     the directly coded tail too (or the tail's direct code length where there is nothing else)."""
     if not stats.bfn_bytes:
         return stats.direct_bits

@@ -151,7 +151,7 @@ def check_code_length(model, data, n, reps=2, mc_tolerance=0.03):
     cfg = model.cfg
     pred = codec.Predictor(model)
     sch = bb.Schedule(n, cfg.beta1, 4.0)
-    bounds = codec.chunk_bounds(len(data), cfg.chunk_len)
+    bounds = [chunks[0] for chunks in codec.stripes([(0, len(data))], cfg.chunk_len)]
     contexts = pred.contexts()
     states = [contexts.advance([data[prev:a]]) for prev, (a, _) in zip([0] + [a for a, _ in bounds[:-1]], bounds)]
     stack = fresh_stack(1 << 14)
@@ -249,7 +249,7 @@ def test_probe_skips_the_bfn_where_it_cannot_win(tiny_model):
     data = np.random.default_rng(3).integers(0, 256, 4096, dtype=np.uint8).tobytes()
     frame = codec.encode_frame(data, pred, bb.Schedule(10, model.cfg.beta1, 4.0))
     assert frame.method == codec.Method.STORED and frame.payload == data
-    assert len(calls) <= codec.PROBE_CHUNKS
+    assert len(calls) == 1                  # one batched network call decides
 
 
 # ---- the joint byte family: coordinates coded by the chain rule ----
