@@ -96,23 +96,30 @@ def information_bits(stack):
     return 32 * words + (math.log2(state) if state else 0.0)
 
 
-PROBE_BYTES = 16       # bytes of a frame sampled to guess whether the BFN can win
-PROBE_CONTEXT = 64     # clean bytes before each of them that the network sees
-PROBE_RATIO = 0.9      # the BFN is taken to code in this share of the sampled bytes' t = 0 code length
+PROBE_SEQUENCES = 2    # training-length sequences of a frame whose t = 0 code length is measured
 
 
 def probe_bits(arr, predictor):
-    """A quick guess of what the BFN would spend on a frame: the network's t = 0 prediction of
-    PROBE_BYTES bytes spread over it, each as a one-byte chunk after the same number of clean
-    bytes, in one batched call, scaled up. The t = 0 prediction of the first byte of a
-    chunk is about what the bits-back transmission pays per byte."""
-    window = min(PROBE_CONTEXT, len(arr) // 2)
-    picks = sorted(set(np.linspace(window, len(arr) - 1, min(PROBE_BYTES, len(arr) - window)).astype(int)))
-    states = predictor.contexts().advance([arr[p - window:p] for p in picks])
-    predict = predictor.for_stripe(states, [1] * len(picks))
-    bits = coder.push_symbols(coder.AnsCoder(), predictor.family, predict(np.zeros(8 * len(picks)), 0.0),
-                              coder.bytes_to_bits(arr[picks]))
-    return bits * len(arr) / len(picks)
+    """A quick guess of what the BFN would spend on a frame (0 for frames shorter than a
+    training sequence): the network's t = 0 code length of PROBE_SEQUENCES sequences spread
+    over the frame, in one batched pass the way training sees them, with the model's shortest
+    chunk, scaled up and by the share of it that the transmission is taken to pay
+    (PROBE_RATIO: one-byte chunks pay about their t = 0 prediction, long chunks about half)."""
+    model = predictor.model
+    S, L = model.seq_len, min(model.chunk_lens)
+    if len(arr) < S:
+        return 0.0
+    starts = np.linspace(0, len(arr) - S, PROBE_SEQUENCES).astype(int)
+    x = torch.from_numpy(np.stack([arr[a:a + S] for a in starts]).astype(np.int64))
+    with torch.no_grad():
+        clean, v = model.split(x, L)
+        z = torch.zeros(v.shape + (2,), dtype=torch.float64)
+        log_p = model(z, torch.zeros(v.shape[:2], dtype=torch.float64), model.context(clean, L))
+        bits = model.family.reconstruction(log_p, v).sum().item() / math.log(2)
+    return PROBE_RATIO[L == 1] * bits * len(arr) / v.shape[:3].numel()
+
+
+PROBE_RATIO = {True: 0.9, False: 0.5}
 
 
 def without_bfn(data, predictor):
@@ -122,7 +129,7 @@ def without_bfn(data, predictor):
         return Frame(Method.STORED, 0, 0, b"")
     best = min([Frame(Method.XZ, len(data), 0, lzma.compress(data, preset=9 | lzma.PRESET_EXTREME)),
                 Frame(Method.STORED, len(data), 0, bytes(data))], key=lambda f: len(f.payload))
-    if PROBE_RATIO * probe_bits(np.frombuffer(data, dtype=np.uint8), predictor) > 8 * len(best.payload):
+    if probe_bits(np.frombuffer(data, dtype=np.uint8), predictor) > 8 * len(best.payload):
         return best
     return None
 

@@ -235,3 +235,23 @@ def test_a_header_cannot_ask_for_more_memory_than_its_frame_size():
         container.unpack(container.pack(header, frames, [codec.checksum(bytes(200))]))
     header.frame_size = 200
     assert container.unpack(container.pack(header, frames, [codec.checksum(bytes(200))]))[0].length == 200
+
+
+def test_the_shipped_model_codes_a_file(tmp_path):
+    """After install, bfn-compress FILE works with the shipped model (no --model), bits-back,
+    and bfn-decompress in another process gives the bytes back."""
+    src = tmp_path / "s.txt"
+    src.write_bytes(b"It is a truth universally acknowledged, that a single man in possession of a good fortune, "
+                    b"must be in want of a wife. However little known the feelings or views of such a man may be "
+                    b"on his first entering a neighbourhood, this truth is so well fixed in the minds of the "
+                    b"surrounding families, that he is considered as the rightful property of some one or other.")
+    r = run("bfn-compress", "-q", "--no-fallback", str(src))
+    assert r.returncode == 0, r.stderr
+    blob = (tmp_path / "s.txt.bfn").read_bytes()
+    frame = container.unpack(blob)[1][0]
+    assert frame.method == container.Method.BITS_BACK
+    assert len(frame.payload) < 0.5 * len(src.read_bytes())      # English at well under 4 bits per byte
+    os.replace(src, tmp_path / "orig")
+    r = run("bfn-decompress", "-q", str(tmp_path / "s.txt.bfn"))
+    assert r.returncode == 0, r.stderr
+    assert src.read_bytes() == (tmp_path / "orig").read_bytes()
