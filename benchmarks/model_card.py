@@ -32,7 +32,12 @@ SENTENCE = b"The receiver's belief in each byte sharpens as the evidence grows."
 def validation(model, steps):
     tcfg = TrainConfig()
     val = read_text(Path(DATA) / "valid.txt.xz", tcfg.val_offset + tcfg.val_bytes)[tcfg.val_offset:]
-    return evaluate(model.float(), val, tcfg, steps)
+    return evaluate(model.float(), val, tcfg, steps, chunk_len=coding_chunk_len(model))
+
+
+def coding_chunk_len(model):
+    """The chunk length the model's files are coded with by default."""
+    return model.cfg.coding_chunk_len or model.cfg.chunk_len
 
 
 TEXT_BYTES = 65536
@@ -43,7 +48,7 @@ def on_texts(model, paths, n=10):
     out = {}
     for path in paths:
         data = np.frombuffer(Path(path).read_bytes()[:TEXT_BYTES], dtype=np.uint8)
-        res = evaluate(model.float(), data, TrainConfig(), [n])
+        res = evaluate(model.float(), data, TrainConfig(), [n], chunk_len=coding_chunk_len(model))
         out[Path(path).name] = (res[f"val_total{n}"], res["val_cont"])
     return out
 

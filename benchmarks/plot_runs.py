@@ -54,10 +54,10 @@ def main(out, specs):
             if key != "val_ar":
                 ax.plot(xs, [r["val_cont"] for r in log if r.get(key) is not None], ls="--",
                         color=line.get_color(), alpha=0.6)
-    for ax, xlabel in zip(axes, ("training bytes (millions)", "training minutes (2 CPU cores)")):
+    for ax, xlabel in zip(axes, ("training bytes (millions)", "training minutes")):
         ax.set_xlabel(xlabel)
         ax.set_ylabel("validation bits per byte")
-        ax.set_ylim(2.0, 8.2)
+        ax.set_ylim(1.8, 8.2)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle("Validation code length (solid: n-step + reconstruction; dashed: continuous-time loss)")
