@@ -192,7 +192,7 @@ def test_interrupt_leaves_no_partial_output(tmp_path, tiny_model):
     p = subprocess.Popen(argv, stderr=subprocess.PIPE)
     time.sleep(10)                              # past the imports, into the coding
     p.send_signal(signal.SIGINT)
-    p.wait(timeout=60)
+    p.communicate(timeout=60)                   # reads stderr: a full pipe must not stall the child
     assert p.returncode != 0
     assert sorted(os.listdir(tmp_path)) == ["big.txt"]
 
