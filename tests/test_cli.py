@@ -189,7 +189,8 @@ def test_interrupt_leaves_no_partial_output(tmp_path, tiny_model):
     src.write_bytes(TEXT * 12)                  # far more than the coder does before the signal
     argv = [sys.executable, "-c", "import sys; from bfn_codec.cli import compress_cmd as m; sys.exit(m())",
             "-q", "-T", "1", "--no-fallback", "--model", str(tiny_model), str(src)]
-    p = subprocess.Popen(argv, stderr=subprocess.PIPE)
+    # the child gets the default SIGINT action even if something in this process ignores it
+    p = subprocess.Popen(argv, stderr=subprocess.PIPE, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(10)                              # past the imports, into the coding
     p.send_signal(signal.SIGINT)
     p.communicate(timeout=60)                   # reads stderr: a full pipe must not stall the child
