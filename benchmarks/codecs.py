@@ -167,8 +167,9 @@ def default_model():
 def make(name, model_path=None, workers=1):
     """One codec from its name (e.g. "zstd-19", "bfn-10"); raises ImportError if its package is missing."""
     if name == "bfn-default":
-        from bfn_codec.codec import DEFAULT_STEPS
-        return Bfn(DEFAULT_STEPS, model_path or default_model(), workers, fallback=True)
+        from bfn_codec.codec import coding_steps
+        path = model_path or default_model()
+        return Bfn(coding_steps(path), path, workers, fallback=True)
     if name.startswith("bfn-"):
         return Bfn(int(name[4:]), model_path or default_model(), workers)
     return BASELINES[name]()

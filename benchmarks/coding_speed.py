@@ -62,12 +62,12 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("models", nargs="+")
     ap.add_argument("--kb", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=codec.DEFAULT_STEPS)
+    ap.add_argument("--steps", type=int, default=None, help="n (default: each model's own)")
     args = ap.parse_args()
     print("| model | params | bits/byte | direction | KB/s | context ms/KB | per-step ms/KB | coder+other ms/KB |")
     print("|---|---|---|---|---|---|---|---|")
     for path in args.models:
-        fp, params, bpb, rows = measure(path, args.kb, args.steps)
+        fp, params, bpb, rows = measure(path, args.kb, args.steps or codec.coding_steps(path))
         for direction, (total, spent) in rows.items():
             ctx, step = spent.get("advance", 0.0) + spent.get("prepare", 0.0), spent.get("forward", 0.0)
             print(f"| {Path(path).name} ({fp}) | {params:,} | {bpb:.3f} | {direction} | {args.kb / total:.2f} | "

@@ -41,7 +41,8 @@ def _build(cls, values):
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--export", type=click.Path(dir_okay=False), default=None,
               help="write the run's EMA weights as a weights file (float16) to this path, and exit "
-                   "(--coding-chunk-len sets the chunk length its files are coded with by default)")
+                   "(--coding-chunk-len and --coding-steps set the chunk length and n its files are "
+                   "coded with by default)")
 @_options_from(ModelConfig)
 @_options_from(TrainConfig)
 def train_cmd(out_dir, export, **values):
@@ -56,6 +57,8 @@ def train_cmd(out_dir, export, **values):
             if values["coding_chunk_len"] not in model.chunk_lens:
                 raise click.UsageError(f"this model codes chunks of {list(model.chunk_lens)} bytes")
             model.cfg = dataclasses.replace(model.cfg, coding_chunk_len=values["coding_chunk_len"])
+        if values.get("coding_steps"):
+            model.cfg = dataclasses.replace(model.cfg, coding_steps=values["coding_steps"])
         tmp = export + ".tmp"
         save_weights(tmp, model)
         os.replace(tmp, export)
@@ -284,7 +287,7 @@ def _codec_options(f):
         click.option("-f", "--force", is_flag=True, help="overwrite existing outputs"),
         click.option("-t", "--test", is_flag=True, help="check .bfn files: decode and verify, write nothing"),
         click.option("--steps", type=click.IntRange(1, 1000), default=None,
-                     help="n, the number of BFN steps (more: smaller and slower) [default 10]"),
+                     help="n, the number of BFN steps (more: smaller and slower) [default: the model's]"),
         click.option("--chunk-len", type=click.IntRange(1, 65535), default=None,
                      help="bytes per chunk, where the model knows several (shorter: smaller and slower) "
                           "[default: the model's]"),
@@ -306,7 +309,7 @@ def _codec_options(f):
 
 def _opts(steps, chunk_len, model, threads, frame_size, no_fallback, verbose, quiet, force):
     from . import codec
-    return {"steps": steps or codec.DEFAULT_STEPS, "chunk_len": chunk_len, "model": model, "threads": threads or codec.default_workers(),
+    return {"steps": steps, "chunk_len": chunk_len, "model": model, "threads": threads or codec.default_workers(),
             "frame_size": frame_size or codec.FRAME_SIZE, "fallback": not no_fallback, "verbose": verbose and not quiet, "quiet": quiet,
             "force": force}
 

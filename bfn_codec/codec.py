@@ -15,57 +15,10 @@ import os
 import zlib
 
 import numpy as np
-import torch
 
 from . import coder
 from . import container
 from .container import CorruptError, Frame, Method
-from .model import load_weights
-
-
-class Predictor:
-    """The network as the coder sees it: float64, one thread, outputs on a fixed grid.
-
-    `contexts()` follows the lanes of a frame stripe by stripe: its `advance(previous)`
-    takes the previous chunk of every lane still going and gives the next stripe's context
-    states (the encoder runs it over the whole frame first, the decoder as it goes: the
-    same calls in the same order). `for_stripe(states, lengths)` -> predict(s, t), the
-    family's quantised output for the stripe's beliefs s (lane after lane) at time t."""
-
-    def __init__(self, model, chunk_len=None):
-        self.model = model
-        self.cfg = model.cfg
-        self.chunk_len = chunk_len or model.cfg.coding_chunk_len or model.cfg.chunk_len
-        if self.chunk_len not in model.chunk_lens:
-            raise container.FormatError(f"the model codes chunks of {', '.join(map(str, model.chunk_lens))} "
-                                        f"bytes, not {self.chunk_len}")
-        self.family = coder.FAMILIES[model.cfg.output]()
-
-    def contexts(self):
-        return self.model.coding_context()
-
-    def for_stripe(self, states, lengths):
-        runs = []                                 # lanes with equal chunk lengths: one network call
-        for j, n in enumerate(lengths):
-            if runs and runs[-1][2] == n:
-                runs[-1][1] += 1
-            else:
-                runs.append([j, 1, n])
-        V = self.cfg.V
-        calls = [(self.model.prepare(states[j:j + m]), torch.zeros(m, 1, n, V, 2, dtype=torch.float64))
-                 for j, m, n in runs]
-
-        @torch.no_grad()
-        def predict(s, t):
-            s = np.ascontiguousarray(s, dtype=np.float64)
-            outs, offset = [], 0
-            for (context, z), (_, m, n) in zip(calls, runs):
-                z[..., 1] = torch.from_numpy(s[offset:offset + m * n * V]).reshape(m, 1, n, V)
-                t_ = torch.full((m, 1), float(t), dtype=torch.float64)
-                outs.append(self.family.from_network(self.model(z, t_, context)))
-                offset += m * n * V
-            return np.concatenate(outs)
-        return predict
 
 
 def lanes(n_bytes, chunk_len, lane_bytes):
@@ -96,42 +49,28 @@ def information_bits(stack):
     return 32 * words + (math.log2(state) if state else 0.0)
 
 
-PROBE_SEQUENCES = 2    # training-length sequences of a frame whose t = 0 code length is measured
+INCOMPRESSIBLE = 0.98     # xz saves less than 2 %: random or compressed data, the BFN is not tried
 
 
-def probe_bits(arr, predictor):
-    """A quick guess of what the BFN would spend on a frame (0 for frames shorter than a
-    training sequence): the network's t = 0 code length of PROBE_SEQUENCES sequences spread
-    over the frame, in one batched pass the way training sees them, with the model's shortest
-    chunk, scaled up and by the share of it that the transmission is taken to pay
-    (PROBE_RATIO: one-byte chunks pay about their t = 0 prediction, long chunks about half)."""
-    model = predictor.model
-    S, L = model.seq_len, min(model.chunk_lens)
-    if len(arr) < S:
-        return 0.0
-    starts = np.linspace(0, len(arr) - S, PROBE_SEQUENCES).astype(int)
-    x = torch.from_numpy(np.stack([arr[a:a + S] for a in starts]).astype(np.int64))
-    with torch.no_grad():
-        clean, v = model.split(x, L)
-        z = torch.zeros(v.shape + (2,), dtype=torch.float64)
-        log_p = model(z, torch.zeros(v.shape[:2], dtype=torch.float64), model.context(clean, L))
-        bits = model.family.reconstruction(log_p, v).sum().item() / math.log(2)
-    return PROBE_RATIO[L == 1] * bits * len(arr) / v.shape[:3].numel()
-
-
-PROBE_RATIO = {True: 0.9, False: 0.5}
-
-
-def without_bfn(data, predictor):
-    """The frame stored or as xz, whichever is smaller, where the probe says that the BFN cannot
-    beat it (None where it might); empty data is stored."""
+def without_bfn(data, predictor=None):
+    """The frame stored or as xz, whichever is smaller, where the BFN is not worth trying
+    (None where it might win): empty data; data that xz cannot shrink by 2 % (random or
+    already compressed: decided without a model); with a predictor, data on which the probe
+    says that the BFN cannot beat it."""
     if not len(data):
         return Frame(Method.STORED, 0, 0, b"")
-    best = min([Frame(Method.XZ, len(data), 0, lzma.compress(data, preset=9 | lzma.PRESET_EXTREME)),
-                Frame(Method.STORED, len(data), 0, bytes(data))], key=lambda f: len(f.payload))
-    if probe_bits(np.frombuffer(data, dtype=np.uint8), predictor) > 8 * len(best.payload):
+    best = classical(data)
+    if len(best.payload) >= INCOMPRESSIBLE * len(data):
+        return best
+    if predictor is not None and predictor.probe_bits(np.frombuffer(data, dtype=np.uint8)) > 8 * len(best.payload):
         return best
     return None
+
+
+def classical(data):
+    """The frame stored or as xz, whichever is smaller."""
+    return min([Frame(Method.XZ, len(data), 0, lzma.compress(data, preset=9 | lzma.PRESET_EXTREME)),
+                Frame(Method.STORED, len(data), 0, bytes(data))], key=lambda f: len(f.payload))
 
 
 def encode_frame(data, predictor, sch, lane_bytes=0, fallback=True, progress=None, probe=True):
@@ -150,8 +89,7 @@ def encode_frame(data, predictor, sch, lane_bytes=0, fallback=True, progress=Non
         return shortcut
     arr = np.frombuffer(data, dtype=np.uint8)
     L = predictor.chunk_len
-    others = [Frame(Method.XZ, len(data), 0, lzma.compress(data, preset=9 | lzma.PRESET_EXTREME)),
-              Frame(Method.STORED, len(data), 0, bytes(data))] if fallback else []
+    others = [classical(data)] if fallback else []
     stats = coder.Stats(bfn_bytes=len(data))
     stack = coder.AnsCoder()
     plan = stripes(lanes(len(arr), L, lane_bytes), L)
@@ -228,7 +166,7 @@ def decode_frame(frame, predictor, sch, lane_bytes=0, progress=None):
 class Setup:
     """What coding a frame needs: the network as the coder sees it, the schedule, and the
     model's fingerprint."""
-    predictor: Predictor
+    predictor: object         # predictor.Predictor
     schedule: coder.Schedule
     fingerprint: str
     lane_bytes: int           # the format's lane rule for this model (container.LANE_BYTES)
@@ -238,7 +176,7 @@ class Setup:
 def load_setup(model_path, steps, bins, chunk_len=None):
     """Load the model for coding (once per process and setting); torch runs on one thread.
     chunk_len: the chunk length to code with (None: the model's default)."""
-    torch.set_num_threads(1)
+    from .predictor import Predictor
     model, fingerprint, _ = _load_model(model_path)
     lane_bytes = container.LANE_BYTES[container.version_for(model.cfg.output)]
     return Setup(Predictor(model, chunk_len), coder.Schedule(steps, model.cfg.beta1, bins), fingerprint, lane_bytes)
@@ -246,6 +184,7 @@ def load_setup(model_path, steps, bins, chunk_len=None):
 
 @functools.lru_cache(maxsize=2)
 def _load_model(model_path):
+    from .model import load_weights
     return load_weights(model_path)
 
 
@@ -321,30 +260,44 @@ MIN_SPLIT = 1 << 15
 MAX_LANES = 64
 
 
-def compress(data, model_path=None, steps=DEFAULT_STEPS, bins=DEFAULT_BINS, frame_size=FRAME_SIZE,
+def compress(data, model_path=None, steps=None, bins=DEFAULT_BINS, frame_size=FRAME_SIZE,
              workers=1, progress=None, fallback=True, chunk_len=None):
-    """bytes -> (.bfn bytes, coder.Stats summed over the frames). chunk_len: the chunk length
-    to code with, where the model knows several (None: its default)."""
-    model_path = model_path or DEFAULT_MODEL
-    settings = (model_path, steps, bins, chunk_len)
-    setup = load_setup(*settings)
-    cfg = setup.predictor.cfg
+    """bytes -> (.bfn bytes, coder.Stats summed over the frames). steps: n (None: the model's
+    default, `coding_steps`); chunk_len: the chunk length to code with, where the model knows
+    several (None: its default). A file whose frames all need no model (empty, random or
+    already compressed) never loads one; its header names none (container.NO_MODEL)."""
     parts = split_frames(bytes(data), frame_size)
-    # frames the BFN cannot win are decided here (a probe each), the rest coded in workers
-    frames = [without_bfn(part, setup.predictor) if fallback else None for part in parts]
-    if progress:
-        progress(sum(f.raw_len for f in frames if f is not None))
-    todo = [k for k, f in enumerate(frames) if f is None]
-    coded = run_frames(functools.partial(encode_job, fallback=fallback, probe=False), [parts[k] for k in todo],
-                       settings, workers, progress)
-    for k, frame in zip(todo, coded):
-        frames[k] = frame
-    header = container.Header(setup.fingerprint, steps, bins, setup.predictor.chunk_len, cfg.context_len, frame_size,
-                              len(data), checksum(data), container.version_for(cfg.output))
+    # decided without a model, then by the probe (in this process); workers code the rest
+    frames = [without_bfn(part) if fallback or not part else None for part in parts]
+    header = container.Header(container.NO_MODEL, 0, 0, 0, 0, frame_size, len(data), checksum(data),
+                              container.VERSIONS["bytes"])
+    if any(f is None for f in frames):
+        model_path = model_path or DEFAULT_MODEL
+        settings = (model_path, steps or coding_steps(model_path), bins, chunk_len)
+        setup = load_setup(*settings)
+        if fallback:
+            frames = [f or without_bfn(part, setup.predictor) for f, part in zip(frames, parts)]
+        if progress:
+            progress(sum(f.raw_len for f in frames if f is not None))
+        todo = [k for k, f in enumerate(frames) if f is None]
+        coded = run_frames(functools.partial(encode_job, fallback=fallback, probe=False),
+                           [parts[k] for k in todo], settings, workers, progress)
+        for k, frame in zip(todo, coded):
+            frames[k] = frame
+        cfg = setup.predictor.cfg
+        header = container.Header(setup.fingerprint, settings[1], bins, setup.predictor.chunk_len, cfg.context_len,
+                                  frame_size, len(data), checksum(data), container.version_for(cfg.output))
+    elif progress:
+        progress(len(data))
     blob = container.pack(header, frames, [checksum(p) for p in parts])
     stats = sum((f.stats for f in frames if f.method == Method.BITS_BACK), coder.Stats())
     stats.other_bytes = sum(len(f.payload) for f in frames if f.method != Method.BITS_BACK)
     return blob, stats
+
+
+def coding_steps(model_path):
+    """The model's default n (ModelConfig.coding_steps; DEFAULT_STEPS where it names none)."""
+    return _load_model(model_path)[0].cfg.coding_steps or DEFAULT_STEPS
 
 
 def expected_bits(stats):

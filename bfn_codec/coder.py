@@ -28,9 +28,6 @@ import math
 
 import numpy as np
 import constriction
-import torch
-
-from . import bfn
 
 _model = constriction.stream.model
 AnsCoder = constriction.stream.stack.AnsCoder
@@ -62,10 +59,11 @@ class Schedule:
     """Steps, accuracies and integer grids for n steps (sec. 6.8); r grid bins per receiver sigma."""
 
     def __init__(self, n, beta1, r=4.0):
+        from .bfn import alpha, beta       # here, so that frames without a model need no torch
         self.n, self.beta1, self.r = n, float(beta1), float(r)
         i = np.arange(n + 1)
-        self.beta = bfn.beta(i / n, beta1)
-        self.alpha = np.concatenate([[0.0], bfn.alpha(i[1:], n, beta1)])
+        self.beta = beta(i / n, beta1)
+        self.alpha = np.concatenate([[0.0], alpha(i[1:], n, beta1)])
         self.grid = np.concatenate([[1.0], np.sqrt(4 * self.alpha[1:]) / r])
         # Push ranges for the receiver: wide enough for any value the tight pops can give.
         bound = np.zeros(n + 1)          # largest |s_i| reachable
@@ -342,8 +340,10 @@ def nll_bits(logit, x):
 
 def kl_bits(logit, x, acc):
     """Expected bits of one step given this step's receiver (bfn.step_kl_binary, summed)."""
+    import torch
+    from .bfn import step_kl_binary
     log_p = torch.nn.functional.logsigmoid(torch.from_numpy(np.stack([-logit, logit], -1)))
-    kl = bfn.step_kl_binary(log_p, torch.from_numpy(np.asarray(x, dtype=np.int64)), acc)
+    kl = step_kl_binary(log_p, torch.from_numpy(np.asarray(x, dtype=np.int64)), acc)
     return float(kl.double().sum()) / math.log(2)
 
 

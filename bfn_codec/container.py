@@ -6,7 +6,8 @@ least 2048 bytes (codec.lanes). The layout is the same.
 
     magic      4  b"BFN\\x1a"
     version    1
-    model     16  fingerprint of the model (ASCII hex), see model.fingerprint
+    model     16  fingerprint of the model (ASCII hex), see model.fingerprint; zeros when
+                  no frame needs a model (then steps, bins, chunk and context are 0)
     steps      2  n, the number of BFN steps
     bins       1  grid bins per receiver standard deviation
     chunk      2  chunk length in bytes      } copied from the model's config,
@@ -31,6 +32,9 @@ VERSIONS = {"bits": 2, "bytes": 3}     # by output family; 2 whitens before the 
 
 
 LANE_BYTES = {2: 0, 3: 2048}          # lanes of at least this many bytes (0: one lane), codec.lanes
+
+
+NO_MODEL = "0" * 16      # the model field of a file whose frames need none (all stored or xz)
 
 
 def version_for(output):

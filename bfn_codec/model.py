@@ -44,6 +44,7 @@ class ModelConfig:
     step_layers: int = 2      # sar: its transformer blocks (0: the autoregressive reference, L = 1)
     step_heads: int = 4       # sar: its attention heads
     coding_chunk_len: int = 0  # chunk length files are coded with by default (0: chunk_len)
+    coding_steps: int = 0     # n files are coded with by default (0: codec.DEFAULT_STEPS)
 
     @property
     def n_symbols(self):

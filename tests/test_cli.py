@@ -10,6 +10,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from bfn_codec import codec, container
+from bfn_codec.model import load_weights
+from bfn_codec.predictor import Predictor
 
 from conftest import TEXT
 
@@ -207,8 +209,8 @@ def test_any_bytes_round_trip(tiny_model, data):
 
 def test_bits_back_frames_round_trip_in_process(tiny_model):
     """Force the bits-back path even where storing would win, on awkward inputs."""
-    model, _, _ = codec.load_weights(tiny_model)
-    pred = codec.Predictor(model)
+    model, _, _ = load_weights(tiny_model)
+    pred = Predictor(model)
     sch = codec.coder.Schedule(6, model.cfg.beta1, 4)
     for data in [b"\x00", bytes(range(256)), b"\xff" * 40, CASES["utf8"][:100]]:
         frame = codec.encode_frame(data, pred, sch, fallback=False)

@@ -7,6 +7,7 @@ import torch
 from bfn_codec import bfn, codec, families
 from bfn_codec import coder as bb
 from bfn_codec.model import load_weights, to_vars
+from bfn_codec.predictor import Predictor
 
 from conftest import TEXT
 
@@ -149,7 +150,7 @@ def typo_text(size):
 
 def check_code_length(model, data, n, reps=2, mc_tolerance=0.03):
     cfg = model.cfg
-    pred = codec.Predictor(model)
+    pred = Predictor(model)
     sch = bb.Schedule(n, cfg.beta1, 4.0)
     bounds = [chunks[0] for chunks in codec.stripes([(0, len(data))], cfg.chunk_len)]
     contexts = pred.contexts()
@@ -239,19 +240,40 @@ def test_frames_depend_only_on_the_length(length, frame_size, sizes):
 
 
 def test_probe_skips_the_bfn_where_it_cannot_win(tiny_model):
-    """Random bytes: one batched t = 0 network call shows that the BFN cannot beat storing
-    them, so the frame is stored without coding every chunk."""
+    """Bytes that xz shrinks but the model does not know (64 random symbols): one batched
+    t = 0 network call shows that the BFN cannot beat xz, so the frame is xz without coding
+    every chunk."""
     model, _, _ = load_weights(tiny_model)
-    pred = codec.Predictor(model)
+    pred = Predictor(model)
     calls = []
     forward = model.forward
     model.forward = lambda *a: calls.append(a) or forward(*a)
-    data = np.random.default_rng(3).integers(0, 256, 4096, dtype=np.uint8).tobytes()
+    data = np.random.default_rng(3).integers(0, 64, 4096, dtype=np.uint8).tobytes()
     frame = codec.encode_frame(data, pred, bb.Schedule(10, model.cfg.beta1, 4.0))
-    assert frame.method == codec.Method.STORED and frame.payload == data
+    assert frame.method == codec.Method.XZ and len(frame.payload) < 0.9 * len(data)
     assert len(calls) == 1                  # one batched network call decides
     text = np.frombuffer(TEXT[:4096], dtype=np.uint8)    # where the model is good, the guess is low
-    assert codec.probe_bits(text, pred) < 2 * len(text) < 8 * len(text) < codec.probe_bits(np.frombuffer(data, np.uint8), pred)
+    assert pred.probe_bits(text) < 2 * len(text) < 6 * len(text) < pred.probe_bits(np.frombuffer(data, np.uint8))
+
+
+def test_incompressible_input_never_loads_a_model(tmp_path):
+    """Random bytes and empty input are stored without torch ever being imported (fast), in
+    both directions, and the header names no model; text loads it."""
+    import subprocess
+    import sys
+    script = (
+        "import os, sys\n"
+        "from bfn_codec import codec, container\n"
+        "data = os.urandom(100_000)\n"
+        "for x in (data, b''):\n"
+        "    blob = codec.compress(x, os.path.join(sys.argv[1], 'no-such-model.pt'))[0]\n"
+        "    header, frames, _ = container.unpack(blob)\n"
+        "    assert header.model == container.NO_MODEL, header\n"
+        "    assert all(f.method == codec.Method.STORED for f in frames) and len(blob) < len(x) + 100\n"
+        "    assert codec.decompress(blob, 'no-such-model.pt') == x\n"
+        "assert 'torch' not in sys.modules\n")
+    r = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
 
 
 # ---- the joint byte family: coordinates coded by the chain rule ----
@@ -327,7 +349,7 @@ def test_lanes_round_trip(any_model, length, lane_bytes):
     """A frame as lanes coded in lock-step (the last one shorter, its last chunk partial)
     decodes exactly, and the lanes do change the stream."""
     model, _, _ = load_weights(any_model)
-    pred = codec.Predictor(model)
+    pred = Predictor(model)
     sch = bb.Schedule(4, model.cfg.beta1, 4.0)
     data = typo_text(length).tobytes()
     frame = codec.encode_frame(data, pred, sch, lane_bytes, fallback=False)

@@ -54,19 +54,20 @@ def test_term_signal_stops_after_a_step_and_saves(tmp_path, corpus):
     assert records[-1]["step"] > 0 and (out / "ckpt.pt").exists()
 
 
-def test_export_sets_the_default_coding_chunk_length(tmp_path, corpus):
+def test_export_sets_the_default_coding_chunk_length_and_steps(tmp_path, corpus):
     import subprocess
     from conftest import TINY_SAR, cli
     from bfn_codec import codec, container
     from bfn_codec.model import load_weights
     Trainer(tmp_path / "run", TINY_SAR, tiny_train_config(corpus, max_steps=2, batch_size=2)).run()
     out = tmp_path / "w.pt"
-    r = subprocess.run(cli("train_cmd", str(tmp_path / "run"), "--export", str(out), "--coding-chunk-len", "1"),
-                       capture_output=True)
+    r = subprocess.run(cli("train_cmd", str(tmp_path / "run"), "--export", str(out), "--coding-chunk-len", "1",
+                           "--coding-steps", "3"), capture_output=True)
     assert r.returncode == 0, r.stderr
     assert load_weights(out)[0].cfg.coding_chunk_len == 1
-    blob = codec.compress(b"chunk length one", str(out), steps=3, fallback=False)[0]
-    assert container.unpack(blob)[0].chunk_len == 1
+    header = container.unpack(codec.compress(b"chunk length one", str(out), fallback=False)[0])[0]
+    assert (header.chunk_len, header.steps) == (1, 3)
+    assert container.unpack(codec.compress(b"chunk length one", str(out), steps=5, fallback=False)[0])[0].steps == 5
     bad = subprocess.run(cli("train_cmd", str(tmp_path / "run"), "--export", str(out), "--coding-chunk-len", "9"),
                          capture_output=True)
     assert bad.returncode == 2

@@ -1,0 +1,79 @@
+"""The network as the coder sees it: float64, one thread, outputs on a fixed grid.
+
+The only module of the coding path that runs torch; codec.py imports it when a frame
+needs the model, so that files the model cannot win are stored or xz without loading it.
+"""
+import math
+
+import numpy as np
+import torch
+
+from . import coder
+from .container import FormatError
+
+
+class Predictor:
+    """`contexts()` follows the lanes of a frame stripe by stripe: its `advance(previous)`
+    takes the previous chunk of every lane still going and gives the next stripe's context
+    states (the encoder runs it over the whole frame first, the decoder as it goes: the
+    same calls in the same order). `for_stripe(states, lengths)` -> predict(s, t), the
+    family's quantised output for the stripe's beliefs s (lane after lane) at time t."""
+
+    PROBE_SEQUENCES = 2    # training-length sequences of a frame whose t = 0 code length is measured
+    PROBE_RATIO = {True: 0.9, False: 0.5}     # share of it the transmission pays: L = 1, L > 1
+
+    def __init__(self, model, chunk_len=None):
+        torch.set_num_threads(1)           # the same arithmetic in every process
+        self.model = model
+        self.cfg = model.cfg
+        self.chunk_len = chunk_len or model.cfg.coding_chunk_len or model.cfg.chunk_len
+        if self.chunk_len not in model.chunk_lens:
+            raise FormatError(f"the model codes chunks of {', '.join(map(str, model.chunk_lens))} "
+                              f"bytes, not {self.chunk_len}")
+        self.family = coder.FAMILIES[model.cfg.output]()
+
+    def contexts(self):
+        return self.model.coding_context()
+
+    def for_stripe(self, states, lengths):
+        runs = []                                 # lanes with equal chunk lengths: one network call
+        for j, n in enumerate(lengths):
+            if runs and runs[-1][2] == n:
+                runs[-1][1] += 1
+            else:
+                runs.append([j, 1, n])
+        V = self.cfg.V
+        calls = [(self.model.prepare(states[j:j + m]), torch.zeros(m, 1, n, V, 2, dtype=torch.float64))
+                 for j, m, n in runs]
+
+        @torch.no_grad()
+        def predict(s, t):
+            s = np.ascontiguousarray(s, dtype=np.float64)
+            outs, offset = [], 0
+            for (context, z), (_, m, n) in zip(calls, runs):
+                z[..., 1] = torch.from_numpy(s[offset:offset + m * n * V]).reshape(m, 1, n, V)
+                t_ = torch.full((m, 1), float(t), dtype=torch.float64)
+                outs.append(self.family.from_network(self.model(z, t_, context)))
+                offset += m * n * V
+            return np.concatenate(outs)
+        return predict
+
+    def probe_bits(self, arr):
+        """A quick guess of what the BFN would spend on a frame (0 for frames shorter than a
+        training sequence): the network's t = 0 code length of PROBE_SEQUENCES sequences spread
+        over the frame, in one batched pass the way training sees them, with the model's shortest
+        chunk, scaled up and by the share of it that the transmission is taken to pay
+        (one-byte chunks pay about their t = 0 prediction, long chunks about half)."""
+        model = self.model
+        S, L = model.seq_len, min(model.chunk_lens)
+        if len(arr) < S:
+            return 0.0
+        starts = np.linspace(0, len(arr) - S, self.PROBE_SEQUENCES).astype(int)
+        x = torch.from_numpy(np.stack([arr[a:a + S] for a in starts]).astype(np.int64))
+        with torch.no_grad():
+            clean, v = model.split(x, L)
+            z = torch.zeros(v.shape + (2,), dtype=torch.float64)
+            log_p = model(z, torch.zeros(v.shape[:2], dtype=torch.float64), model.context(clean, L))
+            bits = model.family.reconstruction(log_p, v).sum().item() / math.log(2)
+        return self.PROBE_RATIO[L == 1] * bits * len(arr) / v.shape[:3].numel()
+
