@@ -80,14 +80,16 @@ def lanes(n_bytes, chunk_len, lane_bytes):
 
 
 def stripes(layout, chunk_len):
-    """Stripe k: chunk k of every lane that has one, [(a, b)] (always the first lanes)."""
-    out, k = [], 0
-    while True:
-        chunks = [(s + k * chunk_len, min(s + (k + 1) * chunk_len, e)) for s, e in layout if s + k * chunk_len < e]
-        if not chunks:
-            return out
-        out.append(chunks)
-        k += 1
+    """Stripe k: chunk k of every lane that has one, [(a, b)] (always the first lanes), one
+    stripe at a time."""
+    for k in range(stripe_count(layout, chunk_len)):
+        yield [(s + k * chunk_len, min(s + (k + 1) * chunk_len, e)) for s, e in layout if s + k * chunk_len < e]
+
+
+def stripe_count(layout, chunk_len):
+    """How many stripes: the first lane's chunks (no lane is longer)."""
+    start, end = layout[0]
+    return -(-(end - start) // chunk_len)
 
 
 def information_bits(stack):
@@ -154,7 +156,7 @@ def encode_frame(data, predictor, sch, lane_bytes=0, fallback=True, progress=Non
               Frame(Method.STORED, len(data), 0, bytes(data))] if fallback else []
     stats = coder.Stats(bfn_bytes=len(data))
     stack = coder.AnsCoder()
-    plan = stripes(lanes(len(arr), L, lane_bytes), L)
+    plan = list(stripes(lanes(len(arr), L, lane_bytes), L))
     widest = 8 * sum(b - a for a, b in plan[0])
     need = widest * sch.peak_pop_bits(widest)
     contexts, states, previous = predictor.contexts(), [], [arr[:0]] * len(plan[0])
@@ -178,6 +180,25 @@ def encode_frame(data, predictor, sch, lane_bytes=0, fallback=True, progress=Non
     return min([frame] + others, key=lambda f: len(f.payload))
 
 
+class DrainGuard:
+    """The decoder's ANS stack for bits-back stripes: refuses to pop once it is empty. The
+    encoder pops a bits-back stripe only from a stack holding at least what the stripe pops at
+    its worst (the tail sees to that), so an intact frame never gets there; a damaged or
+    crafted payload does, soon, where constriction would read zeros to the frame's end.
+    (A directly coded tail may pop an empty stack: its first symbols can cost nothing.)"""
+
+    def __init__(self, stack):
+        self.stack = stack
+
+    def decode(self, *args):
+        if self.stack.is_empty():
+            raise CorruptError("corrupted data or wrong model: the stream ends before the frame")
+        return self.stack.decode(*args)
+
+    def __getattr__(self, name):
+        return getattr(self.stack, name)
+
+
 def decode_frame(frame, predictor, sch, lane_bytes=0, progress=None):
     if frame.method == Method.STORED:
         if len(frame.payload) != frame.raw_len:
@@ -192,26 +213,30 @@ def decode_frame(frame, predictor, sch, lane_bytes=0, progress=None):
             raise CorruptError("corrupted xz frame")
         return out
     L = predictor.chunk_len
-    plan = stripes(lanes(frame.raw_len, L, lane_bytes), L)
-    if len(frame.payload) % 4 or frame.tail_chunks > len(plan):
+    layout = lanes(frame.raw_len, L, lane_bytes)
+    count = stripe_count(layout, L)
+    if len(frame.payload) % 4 or frame.tail_chunks > count:
         raise CorruptError("corrupted frame")
     out = np.zeros(frame.raw_len, dtype=np.uint8)
     try:
         stack = coder.AnsCoder(np.frombuffer(frame.payload, dtype="<u4").astype(np.uint32))
-        contexts, previous = predictor.contexts(), [out[:0]] * len(plan[0])
-        for k, chunks in enumerate(plan):
+        guarded = DrainGuard(stack)
+        contexts, previous = predictor.contexts(), [out[:0]] * len(layout)
+        for k, chunks in enumerate(stripes(layout, L)):
             lengths = [b - a for a, b in chunks]
             predict = predictor.for_stripe(contexts.advance(previous[:len(chunks)]), lengths)
-            if k >= len(plan) - frame.tail_chunks:
+            if k >= count - frame.tail_chunks:
                 bits = coder.decode_direct(stack, predictor.family, 8 * sum(lengths), predict)
             else:
-                bits = coder.decode_chunk(stack, sch, predictor.family, 8 * sum(lengths), predict, k)
+                bits = coder.decode_chunk(guarded, sch, predictor.family, 8 * sum(lengths), predict, k)
             stripe = coder.bits_to_bytes(bits)
             for (a, b), at in zip(chunks, np.cumsum([0] + lengths[:-1])):
                 out[a:b] = stripe[at:at + b - a]
             previous = [out[a:b] for a, b in chunks]
             if progress:
                 progress(sum(lengths))
+    except CorruptError:
+        raise
     except BaseException as e:     # the coder refuses impossible symbols: a damaged stream
         if not isinstance(e, (KeyError, ValueError, OverflowError, AssertionError)) \
                 and type(e).__name__ != "PanicException":     # constriction's Rust panics
@@ -361,8 +386,12 @@ def coder_excess_bits(stats):
 
 
 def decompress(blob, model_path=None, workers=1, progress=None):
-    """.bfn bytes -> the original bytes, verified against every checksum; raises FormatError."""
-    header, frames, crcs = container.unpack(blob)
+    """.bfn bytes -> the original bytes, verified against every checksum; concatenated .bfn
+    files give the concatenation of their originals. Raises FormatError."""
+    return b"".join(_decompress_member(*member, model_path, workers, progress) for member in container.members(blob))
+
+
+def _decompress_member(header, frames, crcs, model_path, workers, progress):
     if any(f.method == Method.BITS_BACK for f in frames):
         model_path = model_path or DEFAULT_MODEL
         model, fingerprint, _ = _load_model(model_path)
