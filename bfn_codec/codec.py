@@ -12,6 +12,9 @@ import functools
 import lzma
 import math
 import os
+import signal
+import sys
+import threading
 import zlib
 
 import numpy as np
@@ -297,6 +300,36 @@ def _in_worker(job, item):
     return job(_process_setup, item)
 
 
+def _start_pool(workers, settings):
+    """A pool of `workers` spawned processes, each with the model loaded (load_setup(*settings)).
+
+    They start with /dev/null as stderr: a Ctrl-C while they import torch then shows no
+    traceback of theirs (results and errors come back through the pool; this process reports
+    the interrupt and stops them). A Ctrl-C here is held back until the pool is up: raised
+    inside Pool(), it would leave a half-built pool behind."""
+    import multiprocessing as mp
+    caught = []
+    handler = signal.getsignal(signal.SIGINT)
+    hold = callable(handler) and threading.current_thread() is threading.main_thread()
+    if hold:
+        signal.signal(signal.SIGINT, lambda *_: caught.append(True))
+    sys.stderr.flush()
+    stderr, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        pool = mp.get_context("spawn").Pool(workers, _init_worker, settings)
+    finally:
+        os.dup2(stderr, 2)
+        os.close(stderr)
+        os.close(devnull)
+        if hold:
+            signal.signal(signal.SIGINT, handler)
+    if caught:
+        pool.terminate()
+        raise KeyboardInterrupt
+    return pool
+
+
 def run_frames(job, items, settings, workers, progress=None, size=len):
     """Map job(setup, item[, progress]) over frames in `workers` processes (1: in this process);
     settings: the arguments of load_setup.
@@ -305,9 +338,7 @@ def run_frames(job, items, settings, workers, progress=None, size=len):
     if workers <= 1 or len(items) <= 1:
         setup = load_setup(*settings)
         return [job(setup, item, progress) for item in items]
-    import multiprocessing as mp
-    ctx = mp.get_context("spawn")
-    with ctx.Pool(min(workers, len(items)), _init_worker, settings) as pool:
+    with _start_pool(min(workers, len(items)), settings) as pool:
         results = []
         for item, res in zip(items, pool.imap(functools.partial(_in_worker, job), items)):
             results.append(res)
