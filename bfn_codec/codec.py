@@ -22,6 +22,7 @@ import torch
 
 from . import coder
 from . import container
+from . import shipped
 from .container import CorruptError, Frame, Method
 from .model import load_weights
 
@@ -38,7 +39,7 @@ class Predictor:
     def __init__(self, model, chunk_len=None):
         self.model = model
         self.cfg = model.cfg
-        self.chunk_len = chunk_len or model.cfg.coding_chunk_len or model.cfg.chunk_len
+        self.chunk_len = chunk_len or default_chunk_len(model)
         if self.chunk_len not in model.chunk_lens:
             raise container.FormatError(f"the model codes chunks of {', '.join(map(str, model.chunk_lens))} "
                                         f"bytes, not {self.chunk_len}")
@@ -362,26 +363,75 @@ def checksum(data):
     return zlib.crc32(data) & 0xFFFFFFFF
 
 
+def cores():
+    """The cores this process may run on."""
+    return (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()) or 1
+
+
 def default_workers():
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, min(cores or 1, 8))
+    return max(1, min(cores(), 8))
+
+
+# ---- levels: presets of the coding knobs ----
+
+@dataclasses.dataclass(frozen=True)
+class Level:
+    steps: int | None      # n (None: default_steps); the coding time grows with n, the ratio barely
+    chunk: str             # of the chunk lengths the model codes: "longest" (fastest), "default", "shortest"
+
+
+LEVELS = {
+    1: Level(1, "longest"),
+    2: Level(2, "longest"),
+    3: Level(4, "longest"),
+    4: Level(1, "default"),
+    5: Level(4, "default"),
+    6: Level(None, "default"),     # DEFAULT_LEVEL: the model's defaults
+    7: Level(None, "shortest"),
+    8: Level(15, "shortest"),
+    9: Level(20, "shortest"),
+}
+DEFAULT_LEVEL = 6
+DEFAULT_STEPS = 10
+
+
+def default_steps(model):
+    """The step count files are coded with unless a level or --steps says otherwise."""
+    return DEFAULT_STEPS
+
+
+def default_chunk_len(model):
+    return model.cfg.coding_chunk_len or model.cfg.chunk_len
+
+
+def coding_settings(model, level=None, steps=None, chunk_len=None):
+    """(steps, chunk length) of a level (None: DEFAULT_LEVEL); steps or chunk_len given override it."""
+    if level is None:
+        level = DEFAULT_LEVEL
+    if level not in LEVELS:
+        raise ValueError(f"no level {level} (levels: {min(LEVELS)} to {max(LEVELS)})")
+    preset = LEVELS[level]
+    lens = model.chunk_lens
+    preset_len = {"longest": max(lens), "default": default_chunk_len(model), "shortest": min(lens)}[preset.chunk]
+    return steps or preset.steps or default_steps(model), chunk_len or preset_len
 
 
 # ---- whole files ----
 
-DEFAULT_MODEL = os.path.join(os.path.dirname(__file__), "weights", "default.pt")
-DEFAULT_STEPS = 10
+DEFAULT_MODEL = shipped.PATH
 DEFAULT_BINS = 4
 FRAME_SIZE = 1 << 18
 MIN_SPLIT = 1 << 15
 MAX_LANES = 64
 
 
-def compress(data, model_path=None, steps=DEFAULT_STEPS, bins=DEFAULT_BINS, frame_size=FRAME_SIZE,
-             workers=1, progress=None, fallback=True, chunk_len=None):
-    """bytes -> (.bfn bytes, coder.Stats summed over the frames). chunk_len: the chunk length
-    to code with, where the model knows several (None: its default)."""
+def compress(data, model_path=None, steps=None, bins=DEFAULT_BINS, frame_size=FRAME_SIZE,
+             workers=1, progress=None, fallback=True, chunk_len=None, level=None):
+    """bytes -> (.bfn bytes, coder.Stats summed over the frames). level: a preset of the steps
+    and the chunk length (LEVELS; None: DEFAULT_LEVEL); steps and chunk_len, where given,
+    override it (chunk_len: where the model knows several)."""
     model_path = model_path or DEFAULT_MODEL
+    steps, chunk_len = coding_settings(_load_model(model_path)[0], level, steps, chunk_len)
     settings = (model_path, steps, bins, chunk_len)
     setup = load_setup(*settings)
     cfg = setup.predictor.cfg
