@@ -167,9 +167,10 @@ def default_model():
 def make(name, model_path=None, workers=1):
     """One codec from its name (e.g. "zstd-19", "bfn-10"); raises ImportError if its package is missing."""
     if name == "bfn-default":
-        from bfn_codec.codec import coding_steps
+        from bfn_codec.codec import default_steps
+        from bfn_codec.model import load_weights
         path = model_path or default_model()
-        return Bfn(coding_steps(path), path, workers, fallback=True)
+        return Bfn(default_steps(load_weights(path)[0]), path, workers, fallback=True)
     if name.startswith("bfn-"):
         return Bfn(int(name[4:]), model_path or default_model(), workers)
     return BASELINES[name]()

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from bfn_codec import codec
+from bfn_codec.model import load_weights
 from bfn_codec.train import DATA, read_text
 
 
@@ -67,7 +68,7 @@ def main():
     print("| model | params | bits/byte | direction | KB/s | context ms/KB | per-step ms/KB | coder+other ms/KB |")
     print("|---|---|---|---|---|---|---|---|")
     for path in args.models:
-        fp, params, bpb, rows = measure(path, args.kb, args.steps or codec.coding_steps(path))
+        fp, params, bpb, rows = measure(path, args.kb, args.steps or codec.default_steps(load_weights(path)[0]))
         for direction, (total, spent) in rows.items():
             ctx, step = spent.get("advance", 0.0) + spent.get("prepare", 0.0), spent.get("forward", 0.0)
             print(f"| {Path(path).name} ({fp}) | {params:,} | {bpb:.3f} | {direction} | {args.kb / total:.2f} | "

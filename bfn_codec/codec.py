@@ -12,12 +12,16 @@ import functools
 import lzma
 import math
 import os
+import signal
+import sys
+import threading
 import zlib
 
 import numpy as np
 
 from . import coder
 from . import container
+from . import shipped
 from .container import CorruptError, Frame, Method
 
 
@@ -33,14 +37,16 @@ def lanes(n_bytes, chunk_len, lane_bytes):
 
 
 def stripes(layout, chunk_len):
-    """Stripe k: chunk k of every lane that has one, [(a, b)] (always the first lanes)."""
-    out, k = [], 0
-    while True:
-        chunks = [(s + k * chunk_len, min(s + (k + 1) * chunk_len, e)) for s, e in layout if s + k * chunk_len < e]
-        if not chunks:
-            return out
-        out.append(chunks)
-        k += 1
+    """Stripe k: chunk k of every lane that has one, [(a, b)] (always the first lanes), one
+    stripe at a time."""
+    for k in range(stripe_count(layout, chunk_len)):
+        yield [(s + k * chunk_len, min(s + (k + 1) * chunk_len, e)) for s, e in layout if s + k * chunk_len < e]
+
+
+def stripe_count(layout, chunk_len):
+    """How many stripes: the first lane's chunks (no lane is longer)."""
+    start, end = layout[0]
+    return -(-(end - start) // chunk_len)
 
 
 def information_bits(stack):
@@ -92,7 +98,7 @@ def encode_frame(data, predictor, sch, lane_bytes=0, fallback=True, progress=Non
     others = [classical(data)] if fallback else []
     stats = coder.Stats(bfn_bytes=len(data))
     stack = coder.AnsCoder()
-    plan = stripes(lanes(len(arr), L, lane_bytes), L)
+    plan = list(stripes(lanes(len(arr), L, lane_bytes), L))
     widest = 8 * sum(b - a for a, b in plan[0])
     need = widest * sch.peak_pop_bits(widest)
     contexts, states, previous = predictor.contexts(), [], [arr[:0]] * len(plan[0])
@@ -116,6 +122,25 @@ def encode_frame(data, predictor, sch, lane_bytes=0, fallback=True, progress=Non
     return min([frame] + others, key=lambda f: len(f.payload))
 
 
+class DrainGuard:
+    """The decoder's ANS stack for bits-back stripes: refuses to pop once it is empty. The
+    encoder pops a bits-back stripe only from a stack holding at least what the stripe pops at
+    its worst (the tail sees to that), so an intact frame never gets there; a damaged or
+    crafted payload does, soon, where constriction would read zeros to the frame's end.
+    (A directly coded tail may pop an empty stack: its first symbols can cost nothing.)"""
+
+    def __init__(self, stack):
+        self.stack = stack
+
+    def decode(self, *args):
+        if self.stack.is_empty():
+            raise CorruptError("corrupted data or wrong model: the stream ends before the frame")
+        return self.stack.decode(*args)
+
+    def __getattr__(self, name):
+        return getattr(self.stack, name)
+
+
 def decode_frame(frame, predictor, sch, lane_bytes=0, progress=None):
     if frame.method == Method.STORED:
         if len(frame.payload) != frame.raw_len:
@@ -130,26 +155,30 @@ def decode_frame(frame, predictor, sch, lane_bytes=0, progress=None):
             raise CorruptError("corrupted xz frame")
         return out
     L = predictor.chunk_len
-    plan = stripes(lanes(frame.raw_len, L, lane_bytes), L)
-    if len(frame.payload) % 4 or frame.tail_chunks > len(plan):
+    layout = lanes(frame.raw_len, L, lane_bytes)
+    count = stripe_count(layout, L)
+    if len(frame.payload) % 4 or frame.tail_chunks > count:
         raise CorruptError("corrupted frame")
     out = np.zeros(frame.raw_len, dtype=np.uint8)
     try:
         stack = coder.AnsCoder(np.frombuffer(frame.payload, dtype="<u4").astype(np.uint32))
-        contexts, previous = predictor.contexts(), [out[:0]] * len(plan[0])
-        for k, chunks in enumerate(plan):
+        guarded = DrainGuard(stack)
+        contexts, previous = predictor.contexts(), [out[:0]] * len(layout)
+        for k, chunks in enumerate(stripes(layout, L)):
             lengths = [b - a for a, b in chunks]
             predict = predictor.for_stripe(contexts.advance(previous[:len(chunks)]), lengths)
-            if k >= len(plan) - frame.tail_chunks:
+            if k >= count - frame.tail_chunks:
                 bits = coder.decode_direct(stack, predictor.family, 8 * sum(lengths), predict)
             else:
-                bits = coder.decode_chunk(stack, sch, predictor.family, 8 * sum(lengths), predict, k)
+                bits = coder.decode_chunk(guarded, sch, predictor.family, 8 * sum(lengths), predict, k)
             stripe = coder.bits_to_bytes(bits)
             for (a, b), at in zip(chunks, np.cumsum([0] + lengths[:-1])):
                 out[a:b] = stripe[at:at + b - a]
             previous = [out[a:b] for a, b in chunks]
             if progress:
                 progress(sum(lengths))
+    except CorruptError:
+        raise
     except BaseException as e:     # the coder refuses impossible symbols: a damaged stream
         if not isinstance(e, (KeyError, ValueError, OverflowError, AssertionError)) \
                 and type(e).__name__ != "PanicException":     # constriction's Rust panics
@@ -211,6 +240,36 @@ def _in_worker(job, item):
     return job(_process_setup, item)
 
 
+def _start_pool(workers, settings):
+    """A pool of `workers` spawned processes, each with the model loaded (load_setup(*settings)).
+
+    They start with /dev/null as stderr: a Ctrl-C while they import torch then shows no
+    traceback of theirs (results and errors come back through the pool; this process reports
+    the interrupt and stops them). A Ctrl-C here is held back until the pool is up: raised
+    inside Pool(), it would leave a half-built pool behind."""
+    import multiprocessing as mp
+    caught = []
+    handler = signal.getsignal(signal.SIGINT)
+    hold = callable(handler) and threading.current_thread() is threading.main_thread()
+    if hold:
+        signal.signal(signal.SIGINT, lambda *_: caught.append(True))
+    sys.stderr.flush()
+    stderr, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        pool = mp.get_context("spawn").Pool(workers, _init_worker, settings)
+    finally:
+        os.dup2(stderr, 2)
+        os.close(stderr)
+        os.close(devnull)
+        if hold:
+            signal.signal(signal.SIGINT, handler)
+    if caught:
+        pool.terminate()
+        raise KeyboardInterrupt
+    return pool
+
+
 def run_frames(job, items, settings, workers, progress=None, size=len):
     """Map job(setup, item[, progress]) over frames in `workers` processes (1: in this process);
     settings: the arguments of load_setup.
@@ -219,9 +278,7 @@ def run_frames(job, items, settings, workers, progress=None, size=len):
     if workers <= 1 or len(items) <= 1:
         setup = load_setup(*settings)
         return [job(setup, item, progress) for item in items]
-    import multiprocessing as mp
-    ctx = mp.get_context("spawn")
-    with ctx.Pool(min(workers, len(items)), _init_worker, settings) as pool:
+    with _start_pool(min(workers, len(items)), settings) as pool:
         results = []
         for item, res in zip(items, pool.imap(functools.partial(_in_worker, job), items)):
             results.append(res)
@@ -245,15 +302,63 @@ def checksum(data):
     return zlib.crc32(data) & 0xFFFFFFFF
 
 
+def cores():
+    """The cores this process may run on."""
+    return (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()) or 1
+
+
 def default_workers():
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, min(cores or 1, 8))
+    return max(1, min(cores(), 8))
+
+
+# ---- levels: presets of the coding knobs ----
+
+@dataclasses.dataclass(frozen=True)
+class Level:
+    steps: int | None      # n (None: default_steps); the coding time grows with n, the ratio barely
+    chunk: str             # of the chunk lengths the model codes: "longest" (fastest), "default", "shortest"
+
+
+LEVELS = {
+    1: Level(1, "longest"),
+    2: Level(2, "longest"),
+    3: Level(4, "longest"),
+    4: Level(1, "default"),
+    5: Level(4, "default"),
+    6: Level(None, "default"),     # DEFAULT_LEVEL: the model's defaults
+    7: Level(None, "shortest"),
+    8: Level(15, "shortest"),
+    9: Level(20, "shortest"),
+}
+DEFAULT_LEVEL = 6
+DEFAULT_STEPS = 10
+
+
+def default_steps(model):
+    """The step count files are coded with unless a level or --steps says otherwise: the
+    model's `coding_steps` (DEFAULT_STEPS where it names none)."""
+    return model.cfg.coding_steps or DEFAULT_STEPS
+
+
+def default_chunk_len(model):
+    return model.cfg.coding_chunk_len or model.cfg.chunk_len
+
+
+def coding_settings(model, level=None, steps=None, chunk_len=None):
+    """(steps, chunk length) of a level (None: DEFAULT_LEVEL); steps or chunk_len given override it."""
+    if level is None:
+        level = DEFAULT_LEVEL
+    if level not in LEVELS:
+        raise ValueError(f"no level {level} (levels: {min(LEVELS)} to {max(LEVELS)})")
+    preset = LEVELS[level]
+    lens = model.chunk_lens
+    preset_len = {"longest": max(lens), "default": default_chunk_len(model), "shortest": min(lens)}[preset.chunk]
+    return steps or preset.steps or default_steps(model), chunk_len or preset_len
 
 
 # ---- whole files ----
 
-DEFAULT_MODEL = os.path.join(os.path.dirname(__file__), "weights", "default.pt")
-DEFAULT_STEPS = 10
+DEFAULT_MODEL = shipped.PATH
 DEFAULT_BINS = 4
 FRAME_SIZE = 1 << 18
 MIN_SPLIT = 1 << 15
@@ -261,11 +366,12 @@ MAX_LANES = 64
 
 
 def compress(data, model_path=None, steps=None, bins=DEFAULT_BINS, frame_size=FRAME_SIZE,
-             workers=1, progress=None, fallback=True, chunk_len=None):
-    """bytes -> (.bfn bytes, coder.Stats summed over the frames). steps: n (None: the model's
-    default, `coding_steps`); chunk_len: the chunk length to code with, where the model knows
-    several (None: its default). A file whose frames all need no model (empty, random or
-    already compressed) never loads one; its header names none (container.NO_MODEL)."""
+             workers=1, progress=None, fallback=True, chunk_len=None, level=None):
+    """bytes -> (.bfn bytes, coder.Stats summed over the frames). level: a preset of the steps
+    and the chunk length (LEVELS; None: DEFAULT_LEVEL); steps and chunk_len, where given,
+    override it (chunk_len: where the model knows several). A file whose frames all need no
+    model (empty, random or already compressed) never loads one; its header names none
+    (container.NO_MODEL)."""
     parts = split_frames(bytes(data), frame_size)
     # decided without a model, then by the probe (in this process); workers code the rest
     frames = [without_bfn(part) if fallback or not part else None for part in parts]
@@ -273,7 +379,8 @@ def compress(data, model_path=None, steps=None, bins=DEFAULT_BINS, frame_size=FR
                               container.VERSIONS["bytes"])
     if any(f is None for f in frames):
         model_path = model_path or DEFAULT_MODEL
-        settings = (model_path, steps or coding_steps(model_path), bins, chunk_len)
+        steps, chunk_len = coding_settings(_load_model(model_path)[0], level, steps, chunk_len)
+        settings = (model_path, steps, bins, chunk_len)
         setup = load_setup(*settings)
         if fallback:
             frames = [f or without_bfn(part, setup.predictor) for f, part in zip(frames, parts)]
@@ -285,7 +392,7 @@ def compress(data, model_path=None, steps=None, bins=DEFAULT_BINS, frame_size=FR
         for k, frame in zip(todo, coded):
             frames[k] = frame
         cfg = setup.predictor.cfg
-        header = container.Header(setup.fingerprint, settings[1], bins, setup.predictor.chunk_len, cfg.context_len,
+        header = container.Header(setup.fingerprint, steps, bins, setup.predictor.chunk_len, cfg.context_len,
                                   frame_size, len(data), checksum(data), container.version_for(cfg.output))
     elif progress:
         progress(len(data))
@@ -293,11 +400,6 @@ def compress(data, model_path=None, steps=None, bins=DEFAULT_BINS, frame_size=FR
     stats = sum((f.stats for f in frames if f.method == Method.BITS_BACK), coder.Stats())
     stats.other_bytes = sum(len(f.payload) for f in frames if f.method != Method.BITS_BACK)
     return blob, stats
-
-
-def coding_steps(model_path):
-    """The model's default n (ModelConfig.coding_steps; DEFAULT_STEPS where it names none)."""
-    return _load_model(model_path)[0].cfg.coding_steps or DEFAULT_STEPS
 
 
 def expected_bits(stats):
@@ -314,8 +416,12 @@ def coder_excess_bits(stats):
 
 
 def decompress(blob, model_path=None, workers=1, progress=None):
-    """.bfn bytes -> the original bytes, verified against every checksum; raises FormatError."""
-    header, frames, crcs = container.unpack(blob)
+    """.bfn bytes -> the original bytes, verified against every checksum; concatenated .bfn
+    files give the concatenation of their originals. Raises FormatError."""
+    return b"".join(_decompress_member(*member, model_path, workers, progress) for member in container.members(blob))
+
+
+def _decompress_member(header, frames, crcs, model_path, workers, progress):
     if any(f.method == Method.BITS_BACK for f in frames):
         model_path = model_path or DEFAULT_MODEL
         model, fingerprint, _ = _load_model(model_path)

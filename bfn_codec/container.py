@@ -19,12 +19,19 @@ least 2048 bytes (codec.lanes). The layout is the same.
     per frame: method 1 (0 stored, 1 bits-back, 2 xz), raw length 4, tail chunks 4, payload length 4,
                crc32 of the frame's bytes 4
     header_crc 4  zlib.crc32 of everything above
-    payloads      the frames' payloads, in order; nothing may follow
+    payloads      the frames' payloads, in order
+
+Concatenated .bfn files (members) are one .bfn file of their concatenated contents; after
+the last member nothing may follow. The frame table is checked against the frame size and
+the declared length before any frame is read, so that a decoder allocates at most the
+frame size per frame, whatever a damaged or crafted file claims.
 """
 import dataclasses
 import enum
 import struct
 import zlib
+
+from .errors import CorruptError, FormatError  # noqa: F401  (raised here, caught as container.FormatError)
 
 
 MAGIC = b"BFN\x1a"
@@ -46,14 +53,8 @@ _CRC = struct.Struct("<I")
 
 
 MAX_FRAME_SIZE = 1 << 30      # bytes: what a decoder allocates per frame at most
-
-
-class FormatError(ValueError):
-    """Not a .bfn file, or a damaged one; the message says which, in one line."""
-
-
-class CorruptError(FormatError):
-    """The stream cannot be decoded to the bytes it was made from."""
+MAX_STEPS = 1000              # n: the most steps a file may ask of a decoder
+MIN_FRAME_SIZE = 256          # the smallest the tools accept: below, a frame's fixed costs outweigh it
 
 
 class Method(enum.IntEnum):
@@ -95,38 +96,66 @@ def pack(header, frames, frame_crcs):
 
 
 def unpack(blob):
-    """bytes -> (Header, [Frame], [frame crc]); raises FormatError with a one-line reason."""
-    if len(blob) < 4 or blob[:4] != MAGIC:
+    """One .bfn file -> (Header, [Frame], [frame crc]); raises FormatError with a one-line reason."""
+    header, frames, crcs, end = _unpack_member(blob, 0)
+    if end != len(blob):
+        raise FormatError("corrupted .bfn file (trailing data after the last frame)")
+    return header, frames, crcs
+
+
+def members(blob):
+    """Concatenated .bfn files -> [(Header, [Frame], [frame crc])], one per member, in order."""
+    out, pos = [], 0
+    while not out or pos < len(blob):
+        if out and blob[pos:pos + len(MAGIC)] != MAGIC:
+            raise FormatError("corrupted .bfn file (trailing data after the last frame)")
+        header, frames, crcs, pos = _unpack_member(blob, pos)
+        out.append((header, frames, crcs))
+    return out
+
+
+def _unpack_member(blob, start):
+    """The member at blob[start:] -> (Header, [Frame], [frame crc], where it ends)."""
+    if blob[start:start + len(MAGIC)] != MAGIC:
         raise FormatError("not a .bfn file (bad magic bytes)")
-    if len(blob) < _HEAD.size:
+    if len(blob) - start < _HEAD.size:
         raise FormatError("truncated .bfn file (header)")
     magic, version, model, steps, bins, chunk, context, frame_size, length, crc, n_frames = \
-        _HEAD.unpack_from(blob)
+        _HEAD.unpack_from(blob, start)
     if version not in VERSIONS.values():
         raise FormatError(f"unsupported .bfn format version {version} (this program reads versions "
                           f"{', '.join(map(str, sorted(VERSIONS.values())))})")
-    table_end = _HEAD.size + n_frames * _FRAME.size
+    table, table_end = start + _HEAD.size, start + _HEAD.size + n_frames * _FRAME.size
     if len(blob) < table_end + _CRC.size:
         raise FormatError("truncated .bfn file (frame table)")
-    if _CRC.unpack_from(blob, table_end)[0] != zlib.crc32(blob[:table_end]):
+    if _CRC.unpack_from(blob, table_end)[0] != zlib.crc32(blob[start:table_end]):
         raise FormatError("corrupted .bfn file (header checksum mismatch)")
     try:
         header = Header(model.decode("ascii"), steps, bins, chunk, context, frame_size, length, crc, version)
     except UnicodeDecodeError:
         raise FormatError("corrupted .bfn file (model fingerprint)") from None
+    entries = [_FRAME.unpack_from(blob, table + k * _FRAME.size) for k in range(n_frames)]
+    _check_table(header, entries)
+    needs_model = any(method == Method.BITS_BACK for method, *_ in entries)
+    if needs_model and (header.model == NO_MODEL or not (0 < steps <= MAX_STEPS and bins and chunk)):
+        raise FormatError("corrupted .bfn file (coding settings)")
     frames, crcs, pos = [], [], table_end + _CRC.size
-    for k in range(n_frames):
-        method, raw_len, tail_chunks, size, fcrc = _FRAME.unpack_from(blob, _HEAD.size + k * _FRAME.size)
+    for method, raw_len, tail_chunks, size, fcrc in entries:
         if pos + size > len(blob):
             raise FormatError("truncated .bfn file (frame data)")
-        if method not in Method.__members__.values():
-            raise FormatError("corrupted .bfn file (frame table)")
         frames.append(Frame(Method(method), raw_len, tail_chunks, blob[pos:pos + size]))
         crcs.append(fcrc)
         pos += size
-    if pos != len(blob):
-        raise FormatError("corrupted .bfn file (trailing data after the last frame)")
-    if frame_size > MAX_FRAME_SIZE or any(f.raw_len > frame_size for f in frames) \
-            or sum(f.raw_len for f in frames) != length:
+    return header, frames, crcs, pos
+
+
+def _check_table(header, entries):
+    """Every frame within the frame size, the frames adding up to the declared length, stored
+    frames as long as their bytes: checked before any frame is read or allocated."""
+    def fits(method, raw_len, size):
+        return method in Method.__members__.values() and raw_len <= header.frame_size \
+            and (method != Method.STORED or size == raw_len)
+    if not 0 < header.frame_size <= MAX_FRAME_SIZE \
+            or sum(raw_len for _, raw_len, _, _, _ in entries) != header.length \
+            or not all(fits(method, raw_len, size) for method, raw_len, _, size, _ in entries):
         raise FormatError("corrupted .bfn file (frame table)")
-    return header, frames, crcs

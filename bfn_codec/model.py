@@ -19,6 +19,7 @@ import json
 import torch
 
 from .chunknet import ChunkNet
+from .errors import ModelError
 from .families import to_symbols, to_vars  # noqa: F401  (bytes <-> variables, used with a config)
 from .sar import SARNet
 
@@ -79,10 +80,6 @@ def fingerprint(config, state):
         buf.write(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
         h.update(buf.getvalue())
     return h.hexdigest()[:16]
-
-
-class ModelError(ValueError):
-    """A weights file that is missing or cannot be loaded."""
 
 
 def load_weights(path, dtype=torch.float64):

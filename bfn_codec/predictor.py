@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from . import coder
+from .codec import default_chunk_len
 from .container import FormatError
 
 
@@ -26,7 +27,7 @@ class Predictor:
         torch.set_num_threads(1)           # the same arithmetic in every process
         self.model = model
         self.cfg = model.cfg
-        self.chunk_len = chunk_len or model.cfg.coding_chunk_len or model.cfg.chunk_len
+        self.chunk_len = chunk_len or default_chunk_len(model)
         if self.chunk_len not in model.chunk_lens:
             raise FormatError(f"the model codes chunks of {', '.join(map(str, model.chunk_lens))} "
                               f"bytes, not {self.chunk_len}")

@@ -15,7 +15,6 @@ resumed run of several continues the same way only on rank 0.
 import dataclasses
 import json
 import lzma
-import math
 import os
 import sys
 import time

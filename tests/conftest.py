@@ -69,5 +69,5 @@ def any_model(request):
 
 
 def cli(*args):
-    """argv for running a console script in a fresh interpreter."""
-    return [sys.executable, "-c", "import sys; from bfn_codec.cli import %s as m; sys.exit(m())" % args[0], *args[1:]]
+    """argv for running a training command (train_cli) in a fresh interpreter."""
+    return [sys.executable, "-c", "import sys; from bfn_codec.train_cli import %s as m; sys.exit(m())" % args[0], *args[1:]]

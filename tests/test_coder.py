@@ -274,6 +274,14 @@ def test_incompressible_input_never_loads_a_model(tmp_path):
         "assert 'torch' not in sys.modules\n")
     r = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+    (tmp_path / "random").write_bytes(np.random.default_rng(5).bytes(50_000))       # the same through the CLI
+    script = ("import sys; from bfn_codec import cli\n"
+              "try:\n    cli.compress_cmd([sys.argv[1], '-q'])\n"
+              "except SystemExit as e:\n    assert e.code == 0, e.code\n"
+              "assert 'torch' not in sys.modules\n")
+    r = subprocess.run([sys.executable, "-c", script, str(tmp_path / "random")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "random.bfn").stat().st_size < 50_100
 
 
 # ---- the joint byte family: coordinates coded by the chain rule ----

@@ -21,7 +21,7 @@ SEQ = SMALL.context_len                # bytes per training sequence
 DUMP = """
 import sys, torch
 from bfn_codec import train
-from bfn_codec.cli import train_cmd
+from bfn_codec.train_cli import train_cmd
 run = train.Trainer.run
 def run_and_dump(self, *args):
     run(self, *args)
