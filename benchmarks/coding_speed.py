@@ -1,6 +1,8 @@
-"""Where coding time goes, per model: context network, per-step network, coder, other.
+"""Where coding time goes, per model: context network, per-step network, coder, other;
+and what a user gets: the commands' speed on whole files.
 
     python -m benchmarks.coding_speed bfn_codec/weights/default.pt runs/X/ckpt.pt --kb 32 --steps 10
+    python -m benchmarks.coding_speed --files ../shared/data/bench/canterbury/alice29.txt --valid-kb 100
 
 Compresses and decompresses the first KB of the validation books (one frame, in this
 process, one thread, bits-back forced), checks the round trip, and prints KB/s each way
@@ -59,12 +61,58 @@ def measure(path, kb, steps, offset=200_000):
     return setup.fingerprint, model.num_params(), 8 * len(blob) / len(data), rows
 
 
+def end_to_end(paths, workers=(1, 2)):
+    """bfn-compress and bfn-decompress (default settings, each a fresh process) on every file
+    with each -T: wall seconds each way, the outputs of all -T checked identical and every
+    decoded file against its original. Prints a Markdown table."""
+    import os
+    import shutil
+    import subprocess
+    import tempfile
+    print("| file | KB | bits/byte | -T | compress s | KB/s | decompress s | KB/s |")
+    print("|---|---|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in paths:
+            size, blobs = os.path.getsize(path), set()
+            for T in workers:
+                src = os.path.join(tmp, f"T{T}-{Path(path).name}")
+                shutil.copyfile(path, src)
+                t0 = time.perf_counter()
+                subprocess.run(["bfn-compress", "-q", "-T", str(T), src], check=True)
+                t1 = time.perf_counter()
+                os.remove(src)
+                subprocess.run(["bfn-decompress", "-q", "-T", str(T), src + ".bfn"], check=True)
+                t2 = time.perf_counter()
+                assert Path(src).read_bytes() == Path(path).read_bytes(), "round trip"
+                blob = Path(src + ".bfn").read_bytes()
+                blobs.add(blob)
+                kb = size / 1024
+                print(f"| {Path(path).name} | {kb:.0f} | {8 * len(blob) / size:.3f} | {T} | {t1 - t0:.1f} | "
+                      f"{kb / (t1 - t0):.2f} | {t2 - t1:.1f} | {kb / (t2 - t1):.2f} |")
+            assert len(blobs) == 1, f"{path}: the output depends on -T"
+
+
+def valid_text(kb, offset=300_000):
+    """kb KB of the validation books (after the slice training validates on), as a file."""
+    import tempfile
+    f = tempfile.NamedTemporaryFile(prefix="valid", suffix=".txt", delete=False)
+    f.write(read_text(Path(DATA) / "valid.txt.xz", offset + kb * 1024)[offset:].tobytes())
+    f.close()
+    return f.name
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("models", nargs="+")
+    ap.add_argument("models", nargs="*")
+    ap.add_argument("--files", nargs="*", default=[], help="end to end: the commands on these files")
+    ap.add_argument("--valid-kb", type=int, default=0, help="end to end: also this many KB of validation text")
     ap.add_argument("--kb", type=int, default=32)
     ap.add_argument("--steps", type=int, default=None, help="n (default: each model's own)")
     args = ap.parse_args()
+    if args.files or args.valid_kb:
+        end_to_end(args.files + ([valid_text(args.valid_kb)] if args.valid_kb else []))
+        if not args.models:
+            return
     print("| model | params | bits/byte | direction | KB/s | context ms/KB | per-step ms/KB | coder+other ms/KB |")
     print("|---|---|---|---|---|---|---|---|")
     for path in args.models:
