@@ -33,25 +33,36 @@ def rotary(x, tables):
 
 class Block(nn.Module):
     """Pre-norm transformer block; `heads` and `finish` are split so that callers can add
-    cached keys and values in between."""
+    cached keys and values in between. kv_heads < n_heads: grouped-query attention (each
+    key/value head serves n_heads / kv_heads query heads; 1: multi-query), which shrinks
+    what a coding-time cache stores and reads per token."""
 
-    def __init__(self, d, n_heads, rope=False):
+    def __init__(self, d, n_heads, rope=False, kv_heads=None):
         super().__init__()
         self.n_heads, self.rope = n_heads, rope
+        self.kv_heads = kv_heads or n_heads
+        if n_heads % self.kv_heads:
+            raise ValueError("n_heads must be a multiple of kv_heads")
         self.ln1 = nn.LayerNorm(d)
-        self.qkv = nn.Linear(d, 3 * d)
+        self.qkv = nn.Linear(d, d + 2 * self.kv_heads * (d // n_heads))
         self.proj = nn.Linear(d, d)
         self.ln2 = nn.LayerNorm(d)
         self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
 
     def heads(self, h, tables=None):
-        B, T, _ = h.shape
-        q, k, v = self.qkv(self.ln1(h)).reshape(B, T, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)
+        B, T, d = h.shape
+        if self.kv_heads == self.n_heads:
+            q, k, v = self.qkv(self.ln1(h)).reshape(B, T, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)
+        else:
+            kv = self.kv_heads * (d // self.n_heads)
+            q, k, v = self.qkv(self.ln1(h)).split([d, kv, kv], -1)
+            q, k, v = (a.reshape(B, T, -1, d // self.n_heads).transpose(1, 2) for a in (q, k, v))
         if self.rope:
             q, k = rotary(q, tables), rotary(k, tables)
         return q, k, v
 
     def finish(self, h, q, k, v, mask):
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        grouped = {"enable_gqa": True} if self.kv_heads != self.n_heads else {}
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **grouped)
         h = h + self.proj(a.transpose(1, 2).reshape(h.shape))
         return h + self.mlp(self.ln2(h))

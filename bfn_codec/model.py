@@ -35,6 +35,8 @@ class ModelConfig:
     d_model: int = 256        # width of the (context) network
     n_layers: int = 4         # its transformer blocks
     n_heads: int = 4
+    kv_heads: int = 0         # sar: key/value heads of the context network (0: n_heads; 1: multi-query,
+                              # a quarter of the cache reads per coded byte at 4 heads)
     chunk_len: int = 64       # L: bytes per chunk, coded jointly by the n-step transmission
     context_len: int = 192    # chunk: clean bytes before a chunk (a multiple of chunk_len, or 0);
                               # sar: training sequence length and coding window

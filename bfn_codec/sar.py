@@ -45,7 +45,8 @@ class SARNet(nn.Module):
         self.family = family_of(cfg)
         d, ds = cfg.d_model, cfg.step_d_model
         self.byte_emb = nn.Embedding(257, d)
-        self.blocks = nn.ModuleList(Block(d, cfg.n_heads, rope=True) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(Block(d, cfg.n_heads, rope=True, kv_heads=cfg.kv_heads)
+                                    for _ in range(cfg.n_layers))
         self.ln_ctx = nn.LayerNorm(d)
         self.ctx_out = nn.Linear(d, ds)
         if cfg.step_layers:
@@ -138,7 +139,7 @@ class ContextCache:
         h = net.byte_emb(tokens).to(dtype)
         tables = rotary_tables(torch.arange(self.pos, self.pos + m), net.cfg.d_model // net.cfg.n_heads, dtype)
         if self.keys is None:
-            shape = (lanes, net.cfg.n_heads, W + max(self.SLACK, m), net.cfg.d_model // net.cfg.n_heads)
+            shape = (lanes, net.blocks[0].kv_heads, W + max(self.SLACK, m), net.cfg.d_model // net.cfg.n_heads)
             self.keys = [torch.zeros(shape, dtype=dtype) for _ in net.blocks]
             self.values = [torch.zeros(shape, dtype=dtype) for _ in net.blocks]
         if self.pos + m - self.base > self.keys[0].shape[2]:        # compact: keep the last W tokens

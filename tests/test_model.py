@@ -81,18 +81,31 @@ def random_sar(cfg=SAR, seed=0):
     return net
 
 
-@pytest.mark.parametrize("window", [16, 6])
-def test_cached_context_equals_the_training_pass(window):
+@pytest.mark.parametrize("window, kv_heads", [(16, 0), (6, 0), (16, 1), (16, 2), (6, 1)])
+def test_cached_context_equals_the_training_pass(window, kv_heads):
     """The coding-time context (keys and values cached across chunks, a window of tokens)
     gives the chunk states of the training pass over the clean sequence, as long as the
-    window holds the whole sequence; a shorter window changes them."""
-    net = random_sar(dataclasses.replace(SAR, context_len=window))
+    window holds the whole sequence; a shorter window changes them. The same with fewer
+    key/value heads than query heads (grouped and multi-query attention)."""
+    net = random_sar(dataclasses.replace(SAR, context_len=window, kv_heads=kv_heads))
     seq = torch.randint(0, 256, (1, 16))
     full = net.context(seq)                                     # (1, 8, ds)
     cache = net.coding_context()
     states = [cache.advance([seq[0, max(0, 2 * j - 2):2 * j].tolist()]) for j in range(8)]
     gap = max((full[:, j] - states[j][:, 0]).abs().max().item() for j in range(8))
     assert gap < 1e-10 if window == 16 else gap > 1e-3
+
+
+def test_fewer_key_value_heads_shrink_the_cache():
+    """kv_heads = 1: the context network's key/value projection and the coding cache hold
+    1 / n_heads of what one key/value head per query head holds."""
+    full, mqa = random_sar(SAR), random_sar(dataclasses.replace(SAR, kv_heads=1))
+    d = SAR.d_model
+    assert full.blocks[0].qkv.weight.shape[0] == 3 * d and mqa.blocks[0].qkv.weight.shape[0] == d + 2 * d // SAR.n_heads
+    caches = [net.coding_context() for net in (full, mqa)]
+    for cache in caches:
+        cache.advance([b""])
+    assert caches[0].keys[0].numel() == SAR.n_heads * caches[1].keys[0].numel()
 
 
 def test_sar_chunk_sees_its_context_and_its_neighbour():
