@@ -19,7 +19,7 @@ def compress(data, level=None, *, model=None, workers=1):
     from . import codec
     if isinstance(data, str):
         raise TypeError("compress takes bytes, not str")
-    return codec.compress(bytes(data), model, level=level, workers=workers)[0]
+    return codec.compress(memoryview(data).tobytes(), model, level=level, workers=workers)[0]
 
 
 def decompress(blob, *, model=None, workers=1):
@@ -27,4 +27,4 @@ def decompress(blob, *, model=None, workers=1):
     their checksums. Raises FormatError where blob is not an intact .bfn file, or needs
     another model than the one given."""
     from . import codec
-    return codec.decompress(bytes(blob), model, workers=workers)
+    return codec.decompress(memoryview(blob).tobytes(), model, workers=workers)

@@ -221,9 +221,9 @@ def _list_one(src):
     except container.FormatError as e:
         raise Fail(f"{src}: {e}") from None
     length = sum(header.length for header, _, _ in members)
-    needing = [header for header, _, _ in members if header.model != container.NO_MODEL]     # a model
-    models = ",".join(dict.fromkeys(header.model for header in needing)) or "none"
-    steps = ",".join(dict.fromkeys(str(header.steps) for header in needing)) or "-"
+    named = [header for header, _, _ in members if header.model != container.NO_MODEL]     # a model
+    models = ",".join(dict.fromkeys(header.model for header in named)) or "none"
+    steps = ",".join(dict.fromkeys(str(header.steps) for header in named)) or "-"
     methods = collections.Counter(METHOD_NAMES[f.method] for _, frames, _ in members for f in frames)
     frames = ", ".join(f"{count} {name}" for name, count in methods.items())
     ratio = f"{100 * len(blob) / length:.2f}%" if length else "-"
@@ -310,7 +310,7 @@ COMPRESS_ONLY = {"level": "-1 .. -9", "steps": "--steps", "chunk_len": "--chunk-
 
 
 def _compress_options(f):
-    levels = [click.option(f"-{k}", "level", flag_value=k, hidden=k > 1,
+    levels = [click.option(f"-{k}", "level", flag_value=k, default=None, hidden=k > 1,
                            help="-1 .. -9: the level, a preset of --steps and --chunk-len "
                                 "(-1 fastest, -9 smallest) [default -6]") for k in range(1, 10)]
     for opt in reversed(levels + [

@@ -141,15 +141,19 @@ class DrainGuard:
         return getattr(self.stack, name)
 
 
+XZ_MEMLIMIT = 128 << 20     # bytes an xz frame may ask of the decoder (preset 9e asks about 65 MiB)
+
+
 def decode_frame(frame, predictor, sch, lane_bytes=0, progress=None):
     if frame.method == Method.STORED:
         if len(frame.payload) != frame.raw_len:
             raise CorruptError("corrupted stored frame")
         return frame.payload
     if frame.method == Method.XZ:
-        try:
-            out = lzma.LZMADecompressor().decompress(frame.payload, max_length=frame.raw_len + 1)
-        except lzma.LZMAError:
+        try:   # only what the encoder writes (.xz, preset 9e: a 64 MiB dictionary), in bounded memory
+            out = lzma.LZMADecompressor(format=lzma.FORMAT_XZ, memlimit=XZ_MEMLIMIT).decompress(
+                frame.payload, max_length=frame.raw_len + 1)
+        except (lzma.LZMAError, MemoryError):
             raise CorruptError("corrupted xz frame") from None
         if len(out) != frame.raw_len:
             raise CorruptError("corrupted xz frame")
@@ -315,20 +319,20 @@ def default_workers():
 
 @dataclasses.dataclass(frozen=True)
 class Level:
-    steps: int | None      # n (None: default_steps); the coding time grows with n, the ratio barely
+    steps: int             # n as a multiple of default_steps (0: one step); coding time grows with n, the ratio barely
     chunk: str             # of the chunk lengths the model codes: "longest" (fastest), "default", "shortest"
 
 
 LEVELS = {
-    1: Level(1, "longest"),
-    2: Level(2, "longest"),
-    3: Level(4, "longest"),
-    4: Level(1, "default"),
-    5: Level(4, "default"),
-    6: Level(None, "default"),     # DEFAULT_LEVEL: the model's defaults
-    7: Level(None, "shortest"),
-    8: Level(15, "shortest"),
-    9: Level(20, "shortest"),
+    1: Level(0, "longest"),
+    2: Level(1, "longest"),
+    3: Level(2, "longest"),
+    4: Level(0, "default"),
+    5: Level(0, "shortest"),
+    6: Level(1, "default"),        # DEFAULT_LEVEL: the model's defaults
+    7: Level(2, "shortest"),
+    8: Level(3, "shortest"),
+    9: Level(5, "shortest"),
 }
 DEFAULT_LEVEL = 6
 DEFAULT_STEPS = 10
@@ -346,14 +350,18 @@ def default_chunk_len(model):
 
 def coding_settings(model, level=None, steps=None, chunk_len=None):
     """(steps, chunk length) of a level (None: DEFAULT_LEVEL); steps or chunk_len given override it."""
-    if level is None:
-        level = DEFAULT_LEVEL
-    if level not in LEVELS:
-        raise ValueError(f"no level {level} (levels: {min(LEVELS)} to {max(LEVELS)})")
-    preset = LEVELS[level]
+    preset = LEVELS[check_level(level)]
     lens = model.chunk_lens
     preset_len = {"longest": max(lens), "default": default_chunk_len(model), "shortest": min(lens)}[preset.chunk]
-    return steps or preset.steps or default_steps(model), chunk_len or preset_len
+    return steps or max(1, preset.steps * default_steps(model)), chunk_len or preset_len
+
+
+def check_level(level):
+    """The level (None: DEFAULT_LEVEL); ValueError for one that does not exist."""
+    level = DEFAULT_LEVEL if level is None else level
+    if level not in LEVELS:
+        raise ValueError(f"no level {level!r} (levels: {min(LEVELS)} to {max(LEVELS)})")
+    return level
 
 
 # ---- whole files ----
@@ -372,6 +380,7 @@ def compress(data, model_path=None, steps=None, bins=DEFAULT_BINS, frame_size=FR
     override it (chunk_len: where the model knows several). A file whose frames all need no
     model (empty, random or already compressed) never loads one; its header names none
     (container.NO_MODEL)."""
+    level = check_level(level)
     parts = split_frames(bytes(data), frame_size)
     # decided without a model, then by the probe (in this process); workers code the rest
     frames = [without_bfn(part) if fallback or not part else None for part in parts]
@@ -391,9 +400,10 @@ def compress(data, model_path=None, steps=None, bins=DEFAULT_BINS, frame_size=FR
                            [parts[k] for k in todo], settings, workers, progress)
         for k, frame in zip(todo, coded):
             frames[k] = frame
-        cfg = setup.predictor.cfg
-        header = container.Header(setup.fingerprint, steps, bins, setup.predictor.chunk_len, cfg.context_len,
-                                  frame_size, len(data), checksum(data), container.version_for(cfg.output))
+        if any(f.method == Method.BITS_BACK for f in frames):     # else the file needs no model
+            cfg = setup.predictor.cfg
+            header = container.Header(setup.fingerprint, steps, bins, setup.predictor.chunk_len, cfg.context_len,
+                                      frame_size, len(data), checksum(data), container.version_for(cfg.output))
     elif progress:
         progress(len(data))
     blob = container.pack(header, frames, [checksum(p) for p in parts])

@@ -10,8 +10,8 @@ least 2048 bytes (codec.lanes). The layout is the same.
                   no frame needs a model (then steps, bins, chunk and context are 0)
     steps      2  n, the number of BFN steps
     bins       1  grid bins per receiver standard deviation
-    chunk      2  chunk length in bytes      } copied from the model's config,
-    context    2  clean context in bytes     } checked against it on decoding
+    chunk      2  chunk length in bytes: one the model codes (a level or --chunk-len chose it)
+    context    2  clean context in bytes: the model's context_len, checked on decoding
     frame      4  frame size in bytes
     length     8  original length in bytes
     crc        4  zlib.crc32 of the original
@@ -130,10 +130,9 @@ def _unpack_member(blob, start):
         raise FormatError("truncated .bfn file (frame table)")
     if _CRC.unpack_from(blob, table_end)[0] != zlib.crc32(blob[start:table_end]):
         raise FormatError("corrupted .bfn file (header checksum mismatch)")
-    try:
-        header = Header(model.decode("ascii"), steps, bins, chunk, context, frame_size, length, crc, version)
-    except UnicodeDecodeError:
-        raise FormatError("corrupted .bfn file (model fingerprint)") from None
+    if not all(c in b"0123456789abcdef" for c in model):
+        raise FormatError("corrupted .bfn file (model fingerprint)")
+    header = Header(model.decode("ascii"), steps, bins, chunk, context, frame_size, length, crc, version)
     entries = [_FRAME.unpack_from(blob, table + k * _FRAME.size) for k in range(n_frames)]
     _check_table(header, entries)
     needs_model = any(method == Method.BITS_BACK for method, *_ in entries)

@@ -19,6 +19,7 @@ import json
 import torch
 
 from .chunknet import ChunkNet
+from .container import MAX_STEPS
 from .errors import ModelError
 from .families import to_symbols, to_vars  # noqa: F401  (bytes <-> variables, used with a config)
 from .sar import SARNet
@@ -101,6 +102,8 @@ def load_weights(path, dtype=torch.float64):
         cfg = ModelConfig(**blob["config"])
     except TypeError as e:
         raise ModelError(f"{path}: config not understood ({e})") from None
+    if not 0 <= cfg.coding_steps <= MAX_STEPS:
+        raise ModelError(f"{path}: coding_steps {cfg.coding_steps} out of range (0 to {MAX_STEPS})")
     if cfg.arch not in ARCHS:
         raise ModelError(f"{path}: unknown network design {cfg.arch!r} (known: {', '.join(sorted(ARCHS))})")
     try:

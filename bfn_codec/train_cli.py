@@ -9,6 +9,8 @@ import sys
 
 import click
 
+from .container import MAX_STEPS
+
 from .model import ModelConfig
 from .train import TrainConfig
 
@@ -54,7 +56,9 @@ def train_cmd(out_dir, export, **values):
             if values["coding_chunk_len"] not in model.chunk_lens:
                 raise click.UsageError(f"this model codes chunks of {list(model.chunk_lens)} bytes")
             model.cfg = dataclasses.replace(model.cfg, coding_chunk_len=values["coding_chunk_len"])
-        if values.get("coding_steps"):
+        if values.get("coding_steps") is not None:
+            if not 1 <= values["coding_steps"] <= MAX_STEPS:
+                raise click.UsageError(f"--coding-steps must be 1 to {MAX_STEPS}")
             model.cfg = dataclasses.replace(model.cfg, coding_steps=values["coding_steps"])
         tmp = export + ".tmp"
         save_weights(tmp, model)

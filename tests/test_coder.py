@@ -252,6 +252,8 @@ def test_probe_skips_the_bfn_where_it_cannot_win(tiny_model):
     frame = codec.encode_frame(data, pred, bb.Schedule(10, model.cfg.beta1, 4.0))
     assert frame.method == codec.Method.XZ and len(frame.payload) < 0.9 * len(data)
     assert len(calls) == 1                  # one batched network call decides
+    header = codec.container.unpack(codec.compress(data, tiny_model)[0])[0]
+    assert header.model == codec.container.NO_MODEL            # no frame needs the model: none named
     text = np.frombuffer(TEXT[:4096], dtype=np.uint8)    # where the model is good, the guess is low
     assert pred.probe_bits(text) < 2 * len(text) < 6 * len(text) < pred.probe_bits(np.frombuffer(data, np.uint8))
 

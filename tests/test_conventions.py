@@ -1,5 +1,7 @@
 """What a zstd or gzip user expects of bfn-compress and bfn-decompress: flags, conventions,
 errors before work, hostile input, and the Python API."""
+import dataclasses
+import lzma
 import os
 import pty
 import re
@@ -34,10 +36,8 @@ def run_python(code, *args, timeout=600, **kw):
 def test_help_version_and_list_answer_without_torch(tmp_path, args):
     """--help, -V and -l need no model, so they do not import torch (which takes a second)."""
     data = os.urandom(300)
-    header = container.Header("0" * 16, 10, 4, 1, 512, 4096, len(data), codec.checksum(data), 3)
     stored = tmp_path / "s.bfn"
-    stored.write_bytes(container.pack(header, [container.Frame(container.Method.STORED, 300, 0, data)],
-                                      [codec.checksum(data)]))
+    stored.write_bytes(codec.compress(data, "no-such-model.pt")[0])         # stored, names no model
     argv = [a.format(stored=stored) for a in args]
     code = ("import sys, time; t = time.time(); from bfn_codec.cli import compress_cmd\n"
             "try:\n    compress_cmd(sys.argv[1:])\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
@@ -49,7 +49,8 @@ def test_help_version_and_list_answer_without_torch(tmp_path, args):
     if args[0] in ("-V", "--version"):
         assert r.stdout.decode().strip() == f"bfn-codec {bfn_codec.__version__}, shipped model {shipped.fingerprint()}"
     elif args[0] == "-l":
-        assert "s.bfn" in r.stdout.decode()
+        assert re.fullmatch(rf"\s*{stored.stat().st_size}\s+300\s+\S+%\s+none\s+-\s+1 stored\s+\S*s\.bfn",
+                            r.stdout.decode().splitlines()[-1])
     else:
         assert b"Usage: " in r.stdout and b"--rm" in r.stdout
 
@@ -97,7 +98,8 @@ def test_levels_are_presets_recorded_in_the_header(tiny_sar):
     assert codec.compress(data, str(tiny_sar), fallback=False, level=codec.DEFAULT_LEVEL)[0] == default
     head = container.unpack(default)[0]
     assert (head.steps, head.chunk_len) == (codec.default_steps(model), codec.default_chunk_len(model))
-    for level, steps, chunk_len in [(1, 1, max(model.chunk_lens)), (9, 20, min(model.chunk_lens))]:
+    n = codec.default_steps(model)
+    for level, steps, chunk_len in [(1, 1, max(model.chunk_lens)), (9, 5 * n, min(model.chunk_lens))]:
         blob = codec.compress(data, str(tiny_sar), fallback=False, level=level)[0]
         head = container.unpack(blob)[0]
         assert (head.steps, head.chunk_len) == (steps, chunk_len)
@@ -106,6 +108,8 @@ def test_levels_are_presets_recorded_in_the_header(tiny_sar):
     assert (head.steps, head.chunk_len) == (3, 1)
     with pytest.raises(ValueError, match="no level 10"):
         codec.compress(data, str(tiny_sar), level=10)
+    with pytest.raises(ValueError, match="no level 42"):       # checked even where no model is needed
+        codec.compress(os.urandom(1000), str(tiny_sar), level=42)
 
 
 def test_level_flags_and_all_cores(tmp_path, tiny_sar):
@@ -113,7 +117,7 @@ def test_level_flags_and_all_cores(tmp_path, tiny_sar):
     src.write_bytes(TEXT[:400])
     r = run("bfn-compress", "-q", "-c", "-1", "-T0", "--no-fallback", M, str(tiny_sar), str(src))
     assert r.returncode == 0, r.stderr
-    assert container.unpack(r.stdout)[0].steps == codec.LEVELS[1].steps
+    assert container.unpack(r.stdout)[0].steps == 1                       # level 1: one step
     assert cli._workers(0) == codec.cores() and cli._workers(None) == codec.default_workers()
 
 
@@ -228,6 +232,23 @@ def test_a_crafted_huge_frame_fails_quickly_in_bounded_memory(tmp_path, tiny_mod
     r = run_python(limited, "-T", "1", M, str(tiny_model), str(path))
     expect_error(r, "corrupted data", tmp_path, ["huge.bfn"])
     assert time.time() - t0 < 60
+
+
+def test_only_intact_headers_and_xz_frames_are_read():
+    """A model field that is not a fingerprint (control characters would break the one-line
+    messages and -l), and an xz frame in the legacy .lzma format (whose header may ask for
+    gigabytes of dictionary), are refused; what compress writes is read."""
+    data = b"xz frames only" * 100
+    header = container.Header(container.NO_MODEL, 0, 0, 0, 0, 4096, len(data), codec.checksum(data), 3)
+    frames, crcs = [container.Frame(container.Method.XZ, len(data), 0, lzma.compress(data))], [codec.checksum(data)]
+    assert codec.decompress(container.pack(header, frames, crcs)) == data
+    for model in ("abc\ndef01234567", "0123456789ABCDEF"):
+        bad = container.pack(dataclasses.replace(header, model=model), frames, crcs)
+        with pytest.raises(container.FormatError, match="model fingerprint"):
+            container.unpack(bad)
+    legacy = container.Frame(container.Method.XZ, len(data), 0, lzma.compress(data, format=lzma.FORMAT_ALONE))
+    with pytest.raises(container.FormatError, match="corrupted xz frame"):
+        codec.decompress(container.pack(header, [legacy], crcs))
 
 
 def test_a_frame_table_beyond_the_frame_size_or_total_is_refused_before_reading():

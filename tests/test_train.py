@@ -68,6 +68,7 @@ def test_export_sets_the_default_coding_chunk_length_and_steps(tmp_path, corpus)
     header = container.unpack(codec.compress(b"chunk length one", str(out), fallback=False)[0])[0]
     assert (header.chunk_len, header.steps) == (1, 3)
     assert container.unpack(codec.compress(b"chunk length one", str(out), steps=5, fallback=False)[0])[0].steps == 5
-    bad = subprocess.run(cli("train_cmd", str(tmp_path / "run"), "--export", str(out), "--coding-chunk-len", "9"),
-                         capture_output=True)
-    assert bad.returncode == 2
+    for flag, value in [("--coding-chunk-len", "9"), ("--coding-steps", "0"), ("--coding-steps", "70000")]:
+        bad = subprocess.run(cli("train_cmd", str(tmp_path / "run"), "--export", str(out), flag, value),
+                             capture_output=True)
+        assert bad.returncode == 2, (flag, value)
