@@ -6,8 +6,8 @@ Prints a Markdown table of validation bits per byte (continuous-time, and n-step
 reconstruction for several n) on the training code's validation slice, and writes
 `steps.png` (those losses against n) and `flow.png`: for one sentence, the receiver's belief in each byte along one sender
 trajectory (the chain the coder transmits), step by step. `--texts FILE...` adds the
-loss at n = 10 on the first 64 KB of each file (the offset of, say, the Canterbury
-texts from the validation books).
+loss on the first 64 KB of each file (the offset of, say, the Canterbury
+texts from the validation books), at the model's coding n.
 """
 import argparse
 import math
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from bfn_codec import bfn
-from bfn_codec.codec import DEFAULT_MODEL
+from bfn_codec.codec import DEFAULT_MODEL, default_chunk_len, default_steps
 from bfn_codec.model import load_weights, to_vars
 from bfn_codec.train import DATA, TrainConfig, evaluate, read_text
 
@@ -32,23 +32,18 @@ SENTENCE = b"The receiver's belief in each byte sharpens as the evidence grows."
 def validation(model, steps):
     tcfg = TrainConfig()
     val = read_text(Path(DATA) / "valid.txt.xz", tcfg.val_offset + tcfg.val_bytes)[tcfg.val_offset:]
-    return evaluate(model.float(), val, tcfg, steps, chunk_len=coding_chunk_len(model))
-
-
-def coding_chunk_len(model):
-    """The chunk length the model's files are coded with by default."""
-    return model.cfg.coding_chunk_len or model.cfg.chunk_len
+    return evaluate(model.float(), val, tcfg, steps, chunk_len=default_chunk_len(model))
 
 
 TEXT_BYTES = 65536
 
 
-def on_texts(model, paths, n=10):
+def on_texts(model, paths, n):
     """The same losses on the first TEXT_BYTES of other files: {name: (total at n, continuous)}."""
     out = {}
     for path in paths:
         data = np.frombuffer(Path(path).read_bytes()[:TEXT_BYTES], dtype=np.uint8)
-        res = evaluate(model.float(), data, TrainConfig(), [n], chunk_len=coding_chunk_len(model))
+        res = evaluate(model.float(), data, TrainConfig(), [n], chunk_len=default_chunk_len(model))
         out[Path(path).name] = (res[f"val_total{n}"], res["val_cont"])
     return out
 
@@ -121,7 +116,7 @@ def main():
     ap.add_argument("--steps", default="1,2,5,10,20,50,100", help="n for the validation table")
     ap.add_argument("--flow-steps", type=int, default=10)
     ap.add_argument("--texts", nargs="*", default=[],
-                    help=f"also the loss at n = 10 on the first {TEXT_BYTES} bytes of these files")
+                    help=f"also the loss at the model's coding n on the first {TEXT_BYTES} bytes of these files")
     args = ap.parse_args()
     model, fp, _ = load_weights(args.model)
     out = Path(args.out)
@@ -137,8 +132,9 @@ def main():
     print(f"| continuous time | {res['val_cont']:.3f} | | |")
     assert math.isfinite(res["val_cont"])
     if args.texts:
-        print("\n| file | total at n = 10 | continuous time |\n|---|---|---|")
-        for name, (total, cont) in on_texts(model, args.texts).items():
+        n = default_steps(model)
+        print(f"\n| file | total at n = {n} | continuous time |\n|---|---|---|")
+        for name, (total, cont) in on_texts(model, args.texts, n).items():
             print(f"| {name} | {total:.3f} | {cont:.3f} |")
 
 
