@@ -1,7 +1,8 @@
 """The network as the coder sees it: float64, one thread, outputs on a fixed grid.
 
-The only module of the coding path that runs torch; codec.py imports it when a frame
-needs the model, so that files the model cannot win are stored or xz without loading it.
+The coding path's network side (with coder.Schedule and coder.kl_bits, which import torch
+when they run); codec.py imports it when a frame needs the model, so that files the model
+cannot win are stored or xz without loading torch at all.
 """
 import math
 
