@@ -3,7 +3,9 @@
     python -m benchmarks.plot_runs docs/recipe_curves.png runs/A:label runs/B:label ...
 
 For BFN runs the curve is the total code length (n-step loss + reconstruction, key
-val_totalN), dashed the continuous-time loss; for AR runs val_ar.
+val_totalN, or val_totalN_L1 where a run logs one-byte chunks beside its own), dashed the
+continuous-time loss (not for _L1 curves: it is at the run's own chunk length); for AR runs
+val_ar.
 """
 import json
 import sys
@@ -35,8 +37,9 @@ def table(specs):
             key = total_key(r)
             if key:
                 n = key[len("val_total"):]
-                rows.append(f"| {label or folder} | {r['minutes']:.1f} | {r['bytes'] / 1e6:.1f}M | {r['val_cont']:.3f} | "
-                            f"{r['val_n' + n]:.3f} | {r['val_rec' + n]:.3f} | {r[key]:.3f} |")
+                parts = ["" if key.endswith("_L1") else f"{r[k]:.3f}" for k in ("val_cont", "val_n" + n, "val_rec" + n)]
+                rows.append(f"| {label or folder} | {r['minutes']:.1f} | {r['bytes'] / 1e6:.1f}M | "
+                            + " | ".join(parts) + f" | {r[key]:.3f} |")
             else:
                 rows.append(f"| {label or folder} | {r['minutes']:.1f} | {r['bytes'] / 1e6:.1f}M | | | | "
                             f"{r['val_ar']:.3f} (AR) |")
@@ -53,7 +56,7 @@ def main(out, specs):
             xs = [r[xkey] / scale for r in log if r.get(key) is not None]
             line, = ax.plot(xs, [r[key] for r in log if r.get(key) is not None], marker="o", ms=3,
                             label=f"{label or folder} ({key})")
-            if key != "val_ar":
+            if key != "val_ar" and not key.endswith("_L1"):     # val_cont is at the run's own chunk length
                 ax.plot(xs, [r["val_cont"] for r in log if r.get(key) is not None], ls="--",
                         color=line.get_color(), alpha=0.6)
     for ax, xlabel in zip(axes, ("training bytes (millions)", "training minutes")):
