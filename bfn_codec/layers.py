@@ -62,7 +62,19 @@ class Block(nn.Module):
         return q, k, v
 
     def finish(self, h, q, k, v, mask):
-        grouped = {"enable_gqa": True} if self.kv_heads != self.n_heads else {}
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **grouped)
+        a = self.attend(q, k, v, mask)
         h = h + self.proj(a.transpose(1, 2).reshape(h.shape))
         return h + self.mlp(self.ln2(h))
+
+    def attend(self, q, k, v, mask):
+        """Attention of q (B, n_heads, T, hd) over k, v (B, kv_heads, S, hd); mask (T, S) or None
+        (all keys). One query with no mask (a coding step's new token over its window): the
+        query heads that share a key/value head go in as that head's queries, so each key and
+        value is read once per step, not once per query head."""
+        B, H, T, hd = q.shape
+        group = H // self.kv_heads
+        if group == 1:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if T == 1 and mask is None:
+            return F.scaled_dot_product_attention(q.reshape(B, self.kv_heads, group, hd), k, v).reshape(q.shape)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)

@@ -65,6 +65,25 @@ def build(cfg: ModelConfig):
     return ARCHS[cfg.arch](cfg)
 
 
+def regroup_kv_heads(state, cfg, kv_heads):
+    """The parameters of a sar network with cfg.kv_heads key/value heads -> those of one with
+    kv_heads (a divisor): each new key/value head the mean of the heads it replaces."""
+    old = cfg.kv_heads or cfg.n_heads
+    new = kv_heads or cfg.n_heads
+    if cfg.arch != "sar" or old % new:
+        raise ValueError(f"cannot regroup {old} key/value heads into {new}")
+    d, hd = cfg.d_model, cfg.d_model // cfg.n_heads
+    out = dict(state)
+    for i in range(cfg.n_layers):
+        for kind in ("weight", "bias"):
+            name = f"blocks.{i}.qkv.{kind}"
+            q, k, v = state[name].split([d, old * hd, old * hd])      # rows: queries, keys, values (heads major)
+            pooled = [a.reshape(new, old // new, hd, *a.shape[1:]).mean(1).reshape(new * hd, *a.shape[1:])
+                      for a in (k, v)]
+            out[name] = torch.cat([q, *pooled])
+    return out
+
+
 # ---- weights files: config + tensors, loaded without executing pickled code ----
 
 def save_weights(path, model, dtype=torch.float16, extra=None):

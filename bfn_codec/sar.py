@@ -149,7 +149,7 @@ class ContextCache:
             self.base = self.pos - keep
         lo = max(self.base, self.pos - W) - self.base              # the window, then the new tokens
         at = self.pos - self.base
-        mask = torch.ones(m, at - lo + m, dtype=torch.bool).tril(at - lo)
+        mask = torch.ones(m, at - lo + m, dtype=torch.bool).tril(at - lo) if m > 1 else None    # one token sees all
         for block, keys, values in zip(net.blocks, self.keys, self.values):
             q, k, v = block.heads(h, tables)
             keys[:lanes, :, at:at + m] = k

@@ -46,6 +46,10 @@ class TrainConfig:
     aux_ce: float = resumable(0.0)         # weight of an extra cross-entropy of p_O at t = 0 (context only)
     batch_size: int = 32
     lr: float = resumable(1e-3)
+    cooldown_minutes: float = resumable(0.0)   # lr falls linearly to 0 over the last this many minutes of this
+                                           # invocation (a fork to export; the run it forked keeps its lr)
+    init_from: str = ""            # a new run starts from this weights file or checkpoint: its model config, with
+                                   # the model options given (fewer kv_heads: each new head the mean of the old)
     warmup: int = 200
     weight_decay: float = 0.01
     ema: float = 0.999
@@ -175,6 +179,30 @@ class _Loss(torch.nn.Module):
         return loss_per_byte(self.net, x, self.tcfg, generator)
 
 
+def learning_rate(tcfg, step, remaining_seconds):
+    """Linear warm-up over the first `warmup` steps, then constant, and with `cooldown_minutes`
+    falling linearly to 0 as the invocation's time runs out."""
+    scale = min(1.0, (step + 1) / tcfg.warmup)
+    if tcfg.cooldown_minutes > 0:
+        scale *= min(1.0, max(0.0, remaining_seconds / (60 * tcfg.cooldown_minutes)))
+    return tcfg.lr * scale
+
+
+def _initial_state(path, mcfg, overrides):
+    """(parameters, config) of a new run started from a weights file or checkpoint: the file's
+    model config with the model options given explicitly (overrides; None: none), its EMA
+    weights, the context network's key/value heads averaged in groups where kv_heads falls
+    (mean-pooled heads, as in grouped-query attention uptraining, Ainslie et al. 2023)."""
+    from .model import load_weights, regroup_kv_heads
+    model, _, _ = load_weights(path, dtype=torch.float32)
+    given = {f.name for f in dataclasses.fields(ModelConfig)} & set(overrides or ())
+    cfg = dataclasses.replace(model.cfg, **{k: getattr(mcfg, k) for k in given})
+    state = model.state_dict()
+    if cfg.kv_heads != model.cfg.kv_heads:
+        state = regroup_kv_heads(state, model.cfg, cfg.kv_heads)
+    return state, cfg
+
+
 def _to_cpu(state):
     """A state dict (nested dicts and lists of tensors) with every tensor on the CPU."""
     if torch.is_tensor(state):
@@ -218,12 +246,17 @@ class Trainer:
             tcfg = TrainConfig(**{**saved, **{k: getattr(tcfg, k) for k in given}})
         else:
             blob = None
+        start = None
+        if blob is None and tcfg.init_from:
+            start, mcfg = _initial_state(tcfg.init_from, mcfg, overrides)
         self.mcfg, self.tcfg = mcfg, tcfg
         if tcfg.threads:
             torch.set_num_threads(tcfg.threads)
         self.rank, self.world, self.device = _join(tcfg.device)
         torch.manual_seed(tcfg.seed)
         self.net = build(mcfg)
+        if start is not None:
+            self.net.load_state_dict(start)
         self.ema = build(mcfg)
         self.ema.load_state_dict(self.net.state_dict())
         self.ema.requires_grad_(False)
@@ -278,9 +311,9 @@ class Trainer:
         torch.save(blob, tmp)
         os.replace(tmp, self.ckpt_path)
 
-    def train_step(self):
+    def train_step(self, remaining_seconds=float("inf")):
         tcfg = self.tcfg
-        lr = tcfg.lr * min(1.0, (self.step + 1) / tcfg.warmup)
+        lr = learning_rate(tcfg, self.step, remaining_seconds)
         for group in self.opt.param_groups:
             group["lr"] = lr
         x = self.batch().to(self.device)
@@ -317,7 +350,7 @@ class Trainer:
         if self.step == 0 and self.rank == 0:
             self.eval_and_log(losses, 0.0)
         while not (tcfg.max_steps and self.step >= tcfg.max_steps):
-            loss = self.train_step()
+            loss = self.train_step(tcfg.minutes * 60 - (time.time() - start))
             now = time.time()
             self.train_seconds = base_seconds + now - start
             done = bool(now - start >= tcfg.minutes * 60 or (tcfg.max_steps and self.step >= tcfg.max_steps)

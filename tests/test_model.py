@@ -81,19 +81,48 @@ def random_sar(cfg=SAR, seed=0):
     return net
 
 
+@pytest.mark.parametrize("chunk", [1, 2])
 @pytest.mark.parametrize("window, kv_heads", [(16, 0), (6, 0), (16, 1), (16, 2), (6, 1)])
-def test_cached_context_equals_the_training_pass(window, kv_heads):
+def test_cached_context_equals_the_training_pass(window, kv_heads, chunk):
     """The coding-time context (keys and values cached across chunks, a window of tokens)
     gives the chunk states of the training pass over the clean sequence, as long as the
     window holds the whole sequence; a shorter window changes them. The same with fewer
-    key/value heads than query heads (grouped and multi-query attention)."""
+    key/value heads than query heads (grouped and multi-query attention), and with chunks of
+    one byte (one new token per step: attention with no mask, heads grouped by key)."""
     net = random_sar(dataclasses.replace(SAR, context_len=window, kv_heads=kv_heads))
     seq = torch.randint(0, 256, (1, 16))
-    full = net.context(seq)                                     # (1, 8, ds)
+    count = 16 // chunk
+    full = net.context(seq, chunk)                              # (1, count, ds)
     cache = net.coding_context()
-    states = [cache.advance([seq[0, max(0, 2 * j - 2):2 * j].tolist()]) for j in range(8)]
-    gap = max((full[:, j] - states[j][:, 0]).abs().max().item() for j in range(8))
+    states = [cache.advance([seq[0, max(0, chunk * (j - 1)):chunk * j].tolist()]) for j in range(count)]
+    gap = max((full[:, j] - states[j][:, 0]).abs().max().item() for j in range(count))
     assert gap < 1e-10 if window == 16 else gap > 1e-3
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_regrouped_key_value_heads_keep_what_the_heads_share(kv_heads):
+    """regroup_kv_heads averages the key/value heads of each group: a network whose heads in a
+    group are equal computes the same states after regrouping; one whose heads differ does not."""
+    from bfn_codec.model import regroup_kv_heads
+    cfg = dataclasses.replace(SAR, n_heads=4)
+    net, seq = random_sar(cfg), torch.randint(0, 256, (1, 16))
+    grouped = build(dataclasses.replace(cfg, kv_heads=kv_heads)).double()
+    grouped.load_state_dict(regroup_kv_heads(net.state_dict(), cfg, kv_heads))
+    assert (net.context(seq) - grouped.context(seq)).abs().max() > 1e-3
+    d, hd, size = cfg.d_model, cfg.d_model // 4, 4 // kv_heads
+    keys = net.blocks[0].qkv.weight[d:2 * d].reshape(kv_heads, size, hd, d).mean(1).reshape(-1, d)
+    assert torch.allclose(grouped.blocks[0].qkv.weight[d:d + kv_heads * hd], keys)
+    with torch.no_grad():
+        for block in net.blocks:
+            for p in (block.qkv.weight, block.qkv.bias):
+                for head in range(4):              # every head a copy of its group's first
+                    for part in (d, 2 * d):
+                        first = part + (head // size) * size * hd
+                        p[part + head * hd:part + (head + 1) * hd] = p[first:first + hd].clone()
+    grouped.load_state_dict(regroup_kv_heads(net.state_dict(), cfg, kv_heads))
+    assert (net.context(seq) - grouped.context(seq)).abs().max() < 1e-12
+    with pytest.raises(ValueError):
+        regroup_kv_heads(net.state_dict(), cfg, 3)
 
 
 def test_fewer_key_value_heads_shrink_the_cache():

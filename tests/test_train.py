@@ -1,7 +1,7 @@
 """Training: it learns, and a resumed run continues exactly."""
 import torch
 
-from bfn_codec.train import Trainer
+from bfn_codec.train import Trainer, TrainConfig, learning_rate
 
 from conftest import TINY, tiny_train_config
 
@@ -72,3 +72,41 @@ def test_export_sets_the_default_coding_chunk_length_and_steps(tmp_path, corpus)
         bad = subprocess.run(cli("train_cmd", str(tmp_path / "run"), "--export", str(out), flag, value),
                              capture_output=True)
         assert bad.returncode == 2, (flag, value)
+
+
+def test_learning_rate_warms_up_then_cools_down_as_time_runs_out():
+    tcfg = TrainConfig(lr=1e-3, warmup=10, cooldown_minutes=2.0)
+    assert learning_rate(tcfg, 0, 1e9) == 1e-4
+    assert learning_rate(tcfg, 50, 1e9) == 1e-3
+    assert learning_rate(tcfg, 50, 60.0) == 5e-4            # half the cool-down left
+    assert learning_rate(tcfg, 50, -1.0) == 0.0
+    assert learning_rate(TrainConfig(lr=1e-3, warmup=10), 50, 1.0) == 1e-3     # no cool-down asked
+
+
+def test_a_run_started_from_weights_takes_their_config_and_regroups_heads(tmp_path, corpus):
+    """--init-from: a new run starts from a weights file's parameters and config; a model
+    option given changes the config (kv_heads: the key/value heads averaged), and the run
+    evaluates at the start about where the weights were, far below an untrained network."""
+    import dataclasses
+    import json
+    from conftest import TINY_SAR
+    from bfn_codec.model import load_weights, regroup_kv_heads, save_weights
+    first = Trainer(tmp_path / "a", TINY_SAR, tiny_train_config(corpus, max_steps=120, batch_size=8))
+    first.run()
+    weights = tmp_path / "a.pt"
+    save_weights(weights, first.ema)
+    start = tiny_train_config(corpus, max_steps=1, batch_size=8, init_from=str(weights), lr=1e-9)
+    same = Trainer(tmp_path / "b", dataclasses.replace(TINY_SAR, d_model=32), start, {"init_from"})
+    assert same.mcfg == TINY_SAR                 # options not given come from the weights
+    loaded = load_weights(weights, torch.float32)[0].state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in same.net.state_dict().items())
+    mqa = Trainer(tmp_path / "c", dataclasses.replace(TINY_SAR, kv_heads=1), start, {"init_from", "kv_heads"})
+    assert mqa.mcfg == dataclasses.replace(TINY_SAR, kv_heads=1)
+    pooled = regroup_kv_heads(loaded, TINY_SAR, 1)
+    assert all(torch.equal(pooled[k], v) for k, v in mqa.net.state_dict().items())
+    mqa.run()
+    fresh = Trainer(tmp_path / "d", dataclasses.replace(TINY_SAR, kv_heads=1),
+                    tiny_train_config(corpus, max_steps=1, batch_size=8, lr=1e-9))
+    fresh.run()
+    val = [json.loads((tmp_path / r / "log.jsonl").read_text().splitlines()[0])["val_total10"] for r in "cd"]
+    assert val[0] < val[1] - 1.0, val
