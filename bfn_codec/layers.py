@@ -61,20 +61,24 @@ class Block(nn.Module):
             q, k = rotary(q, tables), rotary(k, tables)
         return q, k, v
 
-    def finish(self, h, q, k, v, mask):
-        a = self.attend(q, k, v, mask)
+    def finish(self, h, q, k, v, mask=None, causal=False):
+        a = self.attend(q, k, v, mask, causal)
         h = h + self.proj(a.transpose(1, 2).reshape(h.shape))
         return h + self.mlp(self.ln2(h))
 
-    def attend(self, q, k, v, mask):
-        """Attention of q (B, n_heads, T, hd) over k, v (B, kv_heads, S, hd); mask (T, S) or None
-        (all keys). One query with no mask (a coding step's new token over its window): the
-        query heads that share a key/value head go in as that head's queries, so each key and
-        value is read once per step, not once per query head."""
+    def attend(self, q, k, v, mask=None, causal=False):
+        """Attention of q (B, n_heads, T, hd) over k, v (B, kv_heads, S, hd): mask (T, S), or
+        causal (T = S), or neither (all keys). One query and one key (a one-byte chunk in the
+        per-step network): its softmax weight is exactly 1, the output is the value. One query
+        with no mask (a coding step's new token over its window): the query heads that share a
+        key/value head go in as that head's queries, so each key and value is read once per
+        step, not once per query head."""
         B, H, T, hd = q.shape
         group = H // self.kv_heads
+        if T == 1 and k.shape[2] == 1 and mask is None:
+            return v.repeat_interleave(group, 1) if group > 1 else v
         if group == 1:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         if T == 1 and mask is None:
             return F.scaled_dot_product_attention(q.reshape(B, self.kv_heads, group, hd), k, v).reshape(q.shape)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)

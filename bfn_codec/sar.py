@@ -81,10 +81,9 @@ class SARNet(nn.Module):
         tokens = torch.cat([torch.full((B, 1), BOS, dtype=x.dtype, device=x.device), x[:, :-1]], 1)
         h = self.byte_emb(tokens)
         tables = rotary_tables(torch.arange(T, device=x.device), self.cfg.d_model // self.cfg.n_heads, h.dtype)
-        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
         for block in self.blocks:
             q, k, v = block.heads(h, tables)
-            h = block.finish(h, q, k, v, causal)
+            h = block.finish(h, q, k, v, causal=True)
         return self.ctx_out(self.ln_ctx(h[:, ::chunk_len or self.cfg.chunk_len]))
 
     def forward(self, z, t, state):
@@ -99,7 +98,7 @@ class SARNet(nn.Module):
         h = h.reshape(B * C, L, -1)
         for block in self.step_blocks:
             q, k, v = block.heads(h)
-            h = block.finish(h, q, k, v, None)
+            h = block.finish(h, q, k, v)
         prior = self.prior(state).reshape(B, C, self.cfg.chunk_len, -1)[:, :, :L]
         delta = self.head(self.ln_out(h)).reshape(B, C, L, -1) + prior
         return self.family.log_probs(z, delta)
