@@ -38,6 +38,8 @@ class ModelConfig:
     n_heads: int = 4
     kv_heads: int = 0         # sar: key/value heads of the context network (0: n_heads; 1: multi-query,
                               # a quarter of the cache reads per coded byte at 4 heads)
+    local_layers: int = 0     # sar: the first this many context layers attend to the last local_window tokens
+    local_window: int = 0     # only (a coded byte then reads fewer cached keys and values); 0: all layers global
     chunk_len: int = 64       # L: bytes per chunk, coded jointly by the n-step transmission
     context_len: int = 192    # chunk: clean bytes before a chunk (a multiple of chunk_len, or 0);
                               # sar: training sequence length and coding window

@@ -81,10 +81,20 @@ class SARNet(nn.Module):
         tokens = torch.cat([torch.full((B, 1), BOS, dtype=x.dtype, device=x.device), x[:, :-1]], 1)
         h = self.byte_emb(tokens)
         tables = rotary_tables(torch.arange(T, device=x.device), self.cfg.d_model // self.cfg.n_heads, h.dtype)
-        for block in self.blocks:
+        local = self.visible(torch.arange(T, device=x.device), torch.arange(T, device=x.device), True)
+        for i, block in enumerate(self.blocks):
             q, k, v = block.heads(h, tables)
-            h = block.finish(h, q, k, v, causal=True)
+            h = block.finish(h, q, k, v, local) if self.is_local(i) else block.finish(h, q, k, v, causal=True)
         return self.ctx_out(self.ln_ctx(h[:, ::chunk_len or self.cfg.chunk_len]))
+
+    def is_local(self, layer):
+        return layer < self.cfg.local_layers and self.cfg.local_window > 0
+
+    def visible(self, queries, keys, local):
+        """Which keys each query sees (token numbers (T,) and (S,) -> (T, S) bools): those not after
+        it, and in a local layer only the last local_window of them."""
+        ago = queries[:, None] - keys[None, :]
+        return (ago >= 0) & (ago < self.cfg.local_window) if local else ago >= 0
 
     def forward(self, z, t, state):
         """log p_O for chunks: z (B, C, L, V, 2), t (B, C), state (B, C, ds) from `context`."""
@@ -146,13 +156,18 @@ class ContextCache:
             for buf in self.keys + self.values:
                 buf[:, :, :keep] = buf[:, :, self.pos - self.base - keep:self.pos - self.base].clone()
             self.base = self.pos - keep
-        lo = max(self.base, self.pos - W) - self.base              # the window, then the new tokens
-        at = self.pos - self.base
-        mask = torch.ones(m, at - lo + m, dtype=torch.bool).tril(at - lo) if m > 1 else None    # one token sees all
-        for block, keys, values in zip(net.blocks, self.keys, self.values):
+        at = self.pos - self.base                                  # the new tokens' first row
+        first = {False: max(self.base, self.pos - W) - self.base}  # the window's first row (global layers)
+        if net.cfg.local_layers:                                     # local layers: only the rows they see
+            first[True] = max(first[False], at - net.cfg.local_window + 1)
+        masks = {local: (net.visible(torch.arange(at, at + m), torch.arange(lo, at + m), local) if m > 1 else None)
+                 for local, lo in first.items()}                     # one new token sees all its rows
+        for i, (block, keys, values) in enumerate(zip(net.blocks, self.keys, self.values)):
             q, k, v = block.heads(h, tables)
             keys[:lanes, :, at:at + m] = k
             values[:lanes, :, at:at + m] = v
-            h = block.finish(h, q, keys[:lanes, :, lo:at + m], values[:lanes, :, lo:at + m], mask)
+            local = net.is_local(i)
+            lo = first[local]
+            h = block.finish(h, q, keys[:lanes, :, lo:at + m], values[:lanes, :, lo:at + m], masks[local])
         self.pos += m
         return net.ctx_out(net.ln_ctx(h[:, -1:]))

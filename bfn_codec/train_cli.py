@@ -41,7 +41,8 @@ def _build(cls, values):
 @click.option("--export", type=click.Path(dir_okay=False), default=None,
               help="write the run's EMA weights as a weights file (float16) to this path, and exit "
                    "(--coding-chunk-len and --coding-steps set the chunk length and n its files are "
-                   "coded with by default)")
+                   "coded with by default; --local-layers and --local-window the context layers that "
+                   "attend to the last few tokens only)")
 @_options_from(ModelConfig)
 @_options_from(TrainConfig)
 def train_cmd(out_dir, export, **values):
@@ -60,6 +61,13 @@ def train_cmd(out_dir, export, **values):
             if not 1 <= values["coding_steps"] <= MAX_STEPS:
                 raise click.UsageError(f"--coding-steps must be 1 to {MAX_STEPS}")
             model.cfg = dataclasses.replace(model.cfg, coding_steps=values["coding_steps"])
+        local = {k: values[k] for k in ("local_layers", "local_window") if values.get(k) is not None}
+        if local:
+            model.cfg = dataclasses.replace(model.cfg, **local)
+            if model.cfg.arch != "sar" or not 0 <= model.cfg.local_layers <= model.cfg.n_layers \
+                    or model.cfg.local_window < (1 if model.cfg.local_layers else 0):
+                raise click.UsageError("--local-layers must be 0 to the context network's layers, "
+                                       "with --local-window at least 1")
         tmp = export + ".tmp"
         save_weights(tmp, model)
         os.replace(tmp, export)

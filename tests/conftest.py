@@ -62,6 +62,18 @@ def tiny_sar(tmp_path_factory, corpus):
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_sar_local(tmp_path_factory, tiny_sar):
+    """tiny_sar with its first context layer attending to the last 8 tokens only."""
+    import dataclasses
+    from bfn_codec.model import load_weights
+    model = load_weights(tiny_sar)[0]
+    model.cfg = dataclasses.replace(model.cfg, local_layers=1, local_window=8)
+    path = tmp_path_factory.mktemp("sar_local") / "tiny_sar_local.pt"
+    save_weights(path, model)
+    return path
+
+
 @pytest.fixture(params=["tiny_model", "tiny_sar"])
 def any_model(request):
     """Each tiny model in turn: the chunk design with bit outputs, the sar design with byte outputs."""

@@ -82,14 +82,17 @@ def random_sar(cfg=SAR, seed=0):
 
 
 @pytest.mark.parametrize("chunk", [1, 2])
-@pytest.mark.parametrize("window, kv_heads", [(16, 0), (6, 0), (16, 1), (16, 2), (6, 1)])
-def test_cached_context_equals_the_training_pass(window, kv_heads, chunk):
+@pytest.mark.parametrize("window, kv_heads, local", [(16, 0, 0), (6, 0, 0), (16, 1, 0), (16, 2, 0), (6, 1, 0),
+                                                     (16, 0, 3), (16, 1, 4), (6, 0, 3)])
+def test_cached_context_equals_the_training_pass(window, kv_heads, local, chunk):
     """The coding-time context (keys and values cached across chunks, a window of tokens)
     gives the chunk states of the training pass over the clean sequence, as long as the
     window holds the whole sequence; a shorter window changes them. The same with fewer
-    key/value heads than query heads (grouped and multi-query attention), and with chunks of
-    one byte (one new token per step: attention with no mask, heads grouped by key)."""
-    net = random_sar(dataclasses.replace(SAR, context_len=window, kv_heads=kv_heads))
+    key/value heads than query heads (grouped and multi-query attention), with a first layer
+    that sees only the last `local` tokens, and with chunks of one byte (one new token per
+    step: attention with no mask, heads grouped by key)."""
+    net = random_sar(dataclasses.replace(SAR, context_len=window, kv_heads=kv_heads, local_layers=1,
+                                         local_window=local))
     seq = torch.randint(0, 256, (1, 16))
     count = 16 // chunk
     full = net.context(seq, chunk)                              # (1, count, ds)
@@ -220,3 +223,15 @@ def test_context_cache_compaction_keeps_the_states(monkeypatch):
         runs.append([cache.advance([seq[j, max(0, 2 * k - 2):2 * k].tolist() for j in range(3 - (k > 50))])
                      for k in range(60)])
     assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_a_local_layer_forgets_what_lies_beyond_its_window():
+    """With the first layer local (window 3) and the second global, a byte's state still depends
+    on far bytes (through the global layer); with both layers local it does not."""
+    seq = torch.randint(0, 256, (1, 16))
+    far = seq.clone()
+    far[0, 0] = (far[0, 0] + 1) % 256
+    for layers, depends in [(1, True), (2, False)]:
+        net = random_sar(dataclasses.replace(SAR, local_layers=layers, local_window=3))
+        gap = (net.context(seq, 1)[:, -1] - net.context(far, 1)[:, -1]).abs().max().item()
+        assert (gap > 1e-6) == depends, (layers, gap)

@@ -68,7 +68,12 @@ def test_export_sets_the_default_coding_chunk_length_and_steps(tmp_path, corpus)
     header = container.unpack(codec.compress(b"chunk length one", str(out), fallback=False)[0])[0]
     assert (header.chunk_len, header.steps) == (1, 3)
     assert container.unpack(codec.compress(b"chunk length one", str(out), steps=5, fallback=False)[0])[0].steps == 5
-    for flag, value in [("--coding-chunk-len", "9"), ("--coding-steps", "0"), ("--coding-steps", "70000")]:
+    local = subprocess.run(cli("train_cmd", str(tmp_path / "run"), "--export", str(out), "--local-layers", "1",
+                               "--local-window", "8"), capture_output=True)
+    assert local.returncode == 0, local.stderr
+    assert (load_weights(out)[0].cfg.local_layers, load_weights(out)[0].cfg.local_window) == (1, 8)
+    for flag, value in [("--coding-chunk-len", "9"), ("--coding-steps", "0"), ("--coding-steps", "70000"),
+                        ("--local-layers", "9"), ("--local-layers", "1")]:
         bad = subprocess.run(cli("train_cmd", str(tmp_path / "run"), "--export", str(out), flag, value),
                              capture_output=True)
         assert bad.returncode == 2, (flag, value)
