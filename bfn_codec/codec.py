@@ -25,13 +25,14 @@ from . import shipped
 from .container import CorruptError, Frame, Method
 
 
-def lanes(n_bytes, chunk_len, lane_bytes):
-    """A frame's lanes [(start, end)]: segments coded in lock-step, each with its own context.
-    Lanes of at least lane_bytes (0: one lane), at most MAX_LANES, all but the last a
+def lanes(n_bytes, chunk_len, rule):
+    """A frame's lanes [(start, end)]: segments coded in lock-step, each with its own context,
+    as many as the format's container.LaneRule says, at most MAX_LANES, all but the last a
     multiple of the chunk length. Depends only on the frame's length."""
-    if not lane_bytes or n_bytes < 2 * lane_bytes:
+    count = min(MAX_LANES, max(n_bytes // rule.long if rule.long else 1,
+                               min(rule.few, n_bytes // rule.short) if rule.few else 1))
+    if count < 2:
         return [(0, n_bytes)]
-    count = min(MAX_LANES, n_bytes // lane_bytes)
     step = -(-n_bytes // (count * chunk_len)) * chunk_len
     return [(a, min(a + step, n_bytes)) for a in range(0, n_bytes, step)]
 
@@ -79,7 +80,7 @@ def classical(data):
                 Frame(Method.STORED, len(data), 0, bytes(data))], key=lambda f: len(f.payload))
 
 
-def encode_frame(data, predictor, sch, lane_bytes=0, fallback=True, progress=None, probe=True):
+def encode_frame(data, predictor, sch, lane_rule=container.LANES[2], fallback=True, progress=None, probe=True):
     """bytes -> Frame: bits-back coded, or (fallback) xz or stored where that is smaller, the
     BFN skipped where the probe says it cannot win (probe=False: the caller has asked).
 
@@ -98,7 +99,7 @@ def encode_frame(data, predictor, sch, lane_bytes=0, fallback=True, progress=Non
     others = [classical(data)] if fallback else []
     stats = coder.Stats(bfn_bytes=len(data))
     stack = coder.AnsCoder()
-    plan = list(stripes(lanes(len(arr), L, lane_bytes), L))
+    plan = list(stripes(lanes(len(arr), L, lane_rule), L))
     widest = 8 * sum(b - a for a, b in plan[0])
     need = widest * sch.peak_pop_bits(widest)
     contexts, states, previous = predictor.contexts(), [], [arr[:0]] * len(plan[0])
@@ -144,7 +145,7 @@ class DrainGuard:
 XZ_MEMLIMIT = 128 << 20     # bytes an xz frame may ask of the decoder (preset 9e asks about 65 MiB)
 
 
-def decode_frame(frame, predictor, sch, lane_bytes=0, progress=None):
+def decode_frame(frame, predictor, sch, lane_rule=container.LANES[2], progress=None):
     if frame.method == Method.STORED:
         if len(frame.payload) != frame.raw_len:
             raise CorruptError("corrupted stored frame")
@@ -159,7 +160,7 @@ def decode_frame(frame, predictor, sch, lane_bytes=0, progress=None):
             raise CorruptError("corrupted xz frame")
         return out
     L = predictor.chunk_len
-    layout = lanes(frame.raw_len, L, lane_bytes)
+    layout = lanes(frame.raw_len, L, lane_rule)
     count = stripe_count(layout, L)
     if len(frame.payload) % 4 or frame.tail_chunks > count:
         raise CorruptError("corrupted frame")
@@ -202,17 +203,18 @@ class Setup:
     predictor: object         # predictor.Predictor
     schedule: coder.Schedule
     fingerprint: str
-    lane_bytes: int           # the format's lane rule for this model (container.LANE_BYTES)
+    lane_rule: container.LaneRule     # the file's format's lane rule (container.LANES)
 
 
 @functools.lru_cache(maxsize=2)
-def load_setup(model_path, steps, bins, chunk_len=None):
+def load_setup(model_path, steps, bins, chunk_len=None, version=None):
     """Load the model for coding (once per process and setting); torch runs on one thread.
-    chunk_len: the chunk length to code with (None: the model's default)."""
+    chunk_len: the chunk length to code with (None: the model's default); version: the
+    format version of the file (None: the one written now for this model)."""
     from .predictor import Predictor
     model, fingerprint, _ = _load_model(model_path)
-    lane_bytes = container.LANE_BYTES[container.version_for(model.cfg.output)]
-    return Setup(Predictor(model, chunk_len), coder.Schedule(steps, model.cfg.beta1, bins), fingerprint, lane_bytes)
+    lane_rule = container.LANES[version or container.version_for(model.cfg.output)]
+    return Setup(Predictor(model, chunk_len), coder.Schedule(steps, model.cfg.beta1, bins), fingerprint, lane_rule)
 
 
 @functools.lru_cache(maxsize=2)
@@ -222,12 +224,12 @@ def _load_model(model_path):
 
 
 def encode_job(setup, data, progress=None, fallback=True, probe=True):
-    return encode_frame(data, setup.predictor, setup.schedule, setup.lane_bytes, fallback, progress, probe)
+    return encode_frame(data, setup.predictor, setup.schedule, setup.lane_rule, fallback, progress, probe)
 
 
 def decode_job(setup, frame, progress=None):
     try:
-        return decode_frame(frame, setup.predictor, setup.schedule, setup.lane_bytes, progress)
+        return decode_frame(frame, setup.predictor, setup.schedule, setup.lane_rule, progress)
     except CorruptError as e:
         return e
 
@@ -439,10 +441,10 @@ def _decompress_member(header, frames, crcs, model_path, workers, progress):
             raise container.FormatError(f"this file needs model {header.model}, but the model given is "
                                         f"{fingerprint} ({model_path}); pass the right one with --model")
         if header.chunk_len not in model.chunk_lens or header.context_len != model.cfg.context_len \
-                or header.version != container.version_for(model.cfg.output):
+                or header.version not in container.READS[model.cfg.output]:
             raise container.FormatError("corrupted .bfn file (settings differ from the model's)")
-        results = run_frames(decode_job, frames, (model_path, header.steps, header.bins, header.chunk_len), workers,
-                             progress, size=lambda f: f.raw_len)
+        results = run_frames(decode_job, frames, (model_path, header.steps, header.bins, header.chunk_len,
+                                                  header.version), workers, progress, size=lambda f: f.raw_len)
     else:
         results = [decode_frame(f, None, None) for f in frames]
         if progress:

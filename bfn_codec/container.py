@@ -27,6 +27,7 @@ the declared length before any frame is read, so that a decoder allocates at mos
 frame size per frame, whatever a damaged or crafted file claims.
 """
 import dataclasses
+import dataclasses
 import enum
 import struct
 import zlib
@@ -35,10 +36,21 @@ from .errors import CorruptError, FormatError  # noqa: F401  (raised here, caugh
 
 
 MAGIC = b"BFN\x1a"
-VERSIONS = {"bits": 2, "bytes": 3}     # by output family; 2 whitens before the pops of every step
+VERSIONS = {"bits": 2, "bytes": 4}     # written, by output family; 2 whitens before the pops of every step
+READS = {"bits": (2,), "bytes": (3, 4)}   # read, by output family
 
 
-LANE_BYTES = {2: 0, 3: 2048}          # lanes of at least this many bytes (0: one lane), codec.lanes
+@dataclasses.dataclass(frozen=True)
+class LaneRule:
+    """How a frame of n bytes splits into lanes (codec.lanes): n // long lanes (long = 0: one
+    lane), and a short frame up to `few` lanes of at least `short` bytes. A lane's start costs
+    about 15 bits (its first bytes lack context); each lane shares every network and coder call."""
+    long: int
+    short: int = 0
+    few: int = 0
+
+
+LANES = {2: LaneRule(0), 3: LaneRule(2048), 4: LaneRule(2048, 512, 16)}     # by format version
 
 
 NO_MODEL = "0" * 16      # the model field of a file whose frames need none (all stored or xz)
@@ -122,9 +134,10 @@ def _unpack_member(blob, start):
         raise FormatError("truncated .bfn file (header)")
     magic, version, model, steps, bins, chunk, context, frame_size, length, crc, n_frames = \
         _HEAD.unpack_from(blob, start)
-    if version not in VERSIONS.values():
+    readable = sorted({v for versions in READS.values() for v in versions})
+    if version not in readable:
         raise FormatError(f"unsupported .bfn format version {version} (this program reads versions "
-                          f"{', '.join(map(str, sorted(VERSIONS.values())))})")
+                          f"{', '.join(map(str, readable))})")
     table, table_end = start + _HEAD.size, start + _HEAD.size + n_frames * _FRAME.size
     if len(blob) < table_end + _CRC.size:
         raise FormatError("truncated .bfn file (frame table)")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from bfn_codec import bfn, codec, families
+from bfn_codec import bfn, codec, container, families
 from bfn_codec import coder as bb
 from bfn_codec.model import load_weights, to_vars
 from bfn_codec.predictor import Predictor
@@ -226,6 +226,23 @@ def test_stored_stream_still_decodes_and_encodes_the_same():
     assert codec.compress(original, model, fallback=False)[0] == stored
 
 
+def test_stored_sar_streams_of_every_version_still_decode():
+    """Files of the joint-byte family committed with each format version decode to their
+    original (version 3: lanes of at least 2048 bytes; 4: 512); encoding the original again
+    gives the newest file byte for byte. Regenerate with tests/data/make_compat.py sar only
+    when the format changes on purpose (the older files stay)."""
+    from pathlib import Path
+    from bfn_codec import container
+    data = Path(__file__).parent / "data"
+    model, original = data / "compat_sar_model.pt", (data / "compat_sar.bin").read_bytes()
+    stored = {container.unpack(p.read_bytes())[0].version: p.read_bytes() for p in data.glob("compat_sar.v*.bfn")}
+    assert set(stored) == set(container.READS["bytes"])
+    for version, blob in stored.items():
+        assert codec.decompress(blob, model) == original, version
+    assert codec.compress(original, model, fallback=False)[0] == stored[container.VERSIONS["bytes"]]
+    assert stored[3] != stored[4]                   # the lanes differ
+
+
 @pytest.mark.parametrize("length, frame_size, sizes", [
     (0, 1 << 18, [0]),
     (1000, 1 << 18, [1000]),
@@ -362,18 +379,24 @@ def test_lanes_round_trip(any_model, length, lane_bytes):
     pred = Predictor(model)
     sch = bb.Schedule(4, model.cfg.beta1, 4.0)
     data = typo_text(length).tobytes()
-    frame = codec.encode_frame(data, pred, sch, lane_bytes, fallback=False)
-    assert codec.decode_frame(frame, pred, sch, lane_bytes) == data
+    rule = container.LaneRule(lane_bytes)
+    frame = codec.encode_frame(data, pred, sch, rule, fallback=False)
+    assert codec.decode_frame(frame, pred, sch, rule) == data
     if lane_bytes and length >= 2 * lane_bytes:
-        assert len(codec.lanes(length, model.cfg.chunk_len, lane_bytes)) >= 2
-        assert codec.encode_frame(data, pred, sch, 0, fallback=False).payload != frame.payload
+        assert len(codec.lanes(length, model.cfg.chunk_len, rule)) >= 2
+        assert codec.encode_frame(data, pred, sch, container.LaneRule(0), fallback=False).payload != frame.payload
 
 
 def test_lanes_depend_only_on_the_length():
-    layout = codec.lanes(100_000, 2, 4096)
+    rule = container.LaneRule(4096)
+    layout = codec.lanes(100_000, 2, rule)
     assert len(layout) == 24 and layout[0] == (0, 4168) and layout[-1][1] == 100_000
     assert all((b - a) % 2 == 0 for a, b in layout[:-1])
-    assert codec.lanes(8191, 2, 4096) == [(0, 8191)]
-    assert len(codec.lanes(10 ** 7, 2, 4096)) == codec.MAX_LANES
-    plan = codec.stripes(codec.lanes(1001, 4, 100), 4)
+    assert codec.lanes(8191, 2, rule) == [(0, 8191)]
+    assert len(codec.lanes(10 ** 7, 2, rule)) == codec.MAX_LANES
+    assert codec.lanes(5000, 1, container.LaneRule(0)) == [(0, 5000)]
+    few = container.LANES[4]                       # short frames: up to 16 lanes of at least 512 bytes
+    assert [len(codec.lanes(n, 1, few)) for n in (1023, 1024, 6000, 8192, 40_000, 76_000, 10 ** 6)] == \
+        [1, 2, 11, 16, 19, 37, 64]
+    plan = codec.stripes(codec.lanes(1001, 4, container.LaneRule(100)), 4)
     assert sorted(i for chunks in plan for a, b in chunks for i in range(a, b)) == list(range(1001))
