@@ -387,11 +387,12 @@ def compress(data, model_path=None, steps=None, bins=DEFAULT_BINS, frame_size=FR
     # decided without a model, then by the probe (in this process); workers code the rest
     frames = [without_bfn(part) if fallback or not part else None for part in parts]
     header = container.Header(container.NO_MODEL, 0, 0, 0, 0, frame_size, len(data), checksum(data),
-                              container.VERSIONS["bytes"])
+                              container.NO_MODEL_VERSION)
     if any(f is None for f in frames):
         model_path = model_path or DEFAULT_MODEL
-        steps, chunk_len = coding_settings(_load_model(model_path)[0], level, steps, chunk_len)
-        settings = (model_path, steps, bins, chunk_len)
+        model = _load_model(model_path)[0]
+        steps, chunk_len = coding_settings(model, level, steps, chunk_len)
+        settings = (model_path, steps, bins, chunk_len, container.version_for(model.cfg.output))
         setup = load_setup(*settings)
         if fallback:
             frames = [f or without_bfn(part, setup.predictor) for f, part in zip(frames, parts)]

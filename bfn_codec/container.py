@@ -27,7 +27,6 @@ the declared length before any frame is read, so that a decoder allocates at mos
 frame size per frame, whatever a damaged or crafted file claims.
 """
 import dataclasses
-import dataclasses
 import enum
 import struct
 import zlib
@@ -38,13 +37,16 @@ from .errors import CorruptError, FormatError  # noqa: F401  (raised here, caugh
 MAGIC = b"BFN\x1a"
 VERSIONS = {"bits": 2, "bytes": 4}     # written, by output family; 2 whitens before the pops of every step
 READS = {"bits": (2,), "bytes": (3, 4)}   # read, by output family
+NO_MODEL_VERSION = 3                     # a file whose frames need no model: one that earlier releases read
 
 
 @dataclasses.dataclass(frozen=True)
 class LaneRule:
     """How a frame of n bytes splits into lanes (codec.lanes): n // long lanes (long = 0: one
-    lane), and a short frame up to `few` lanes of at least `short` bytes. A lane's start costs
-    about 15 bits (its first bytes lack context); each lane shares every network and coder call."""
+    lane), and a short frame up to `few` lanes, n // short of them; lanes of about n / count
+    bytes (the last may be shorter, and rounding to the chunk length may leave fewer). A
+    lane's start costs about 15 bits (its first bytes lack context); each lane shares every
+    network and coder call."""
     long: int
     short: int = 0
     few: int = 0

@@ -39,6 +39,8 @@ class SARNet(nn.Module):
         if cfg.context_len % cfg.chunk_len:
             raise ValueError("context_len must be a multiple of chunk_len")
         self.chunk_lens = range(1, cfg.chunk_len + 1)      # what it can code with
+        if cfg.local_layers and not (cfg.local_layers <= cfg.n_layers and cfg.local_window >= 1):
+            raise ValueError("local_layers must be at most n_layers, with a local_window of at least 1")
         if cfg.step_layers == 0 and cfg.chunk_len != 1:
             raise ValueError("step_layers = 0 (the autoregressive reference) needs chunk_len 1")
         self.cfg = cfg
@@ -81,7 +83,8 @@ class SARNet(nn.Module):
         tokens = torch.cat([torch.full((B, 1), BOS, dtype=x.dtype, device=x.device), x[:, :-1]], 1)
         h = self.byte_emb(tokens)
         tables = rotary_tables(torch.arange(T, device=x.device), self.cfg.d_model // self.cfg.n_heads, h.dtype)
-        local = self.visible(torch.arange(T, device=x.device), torch.arange(T, device=x.device), True)
+        local = self.visible(torch.arange(T, device=x.device), torch.arange(T, device=x.device), True) \
+            if self.cfg.local_layers else None
         for i, block in enumerate(self.blocks):
             q, k, v = block.heads(h, tables)
             h = block.finish(h, q, k, v, local) if self.is_local(i) else block.finish(h, q, k, v, causal=True)
@@ -148,7 +151,8 @@ class ContextCache:
         h = net.byte_emb(tokens).to(dtype)
         tables = rotary_tables(torch.arange(self.pos, self.pos + m), net.cfg.d_model // net.cfg.n_heads, dtype)
         if self.keys is None:
-            shape = (lanes, net.blocks[0].kv_heads, W + max(self.SLACK, m), net.cfg.d_model // net.cfg.n_heads)
+            rows = W + max(self.SLACK, net.cfg.chunk_len + 1)       # the longest call: BOS and a chunk
+            shape = (lanes, net.blocks[0].kv_heads, rows, net.cfg.d_model // net.cfg.n_heads)
             self.keys = [torch.zeros(shape, dtype=dtype) for _ in net.blocks]
             self.values = [torch.zeros(shape, dtype=dtype) for _ in net.blocks]
         if self.pos + m - self.base > self.keys[0].shape[2]:        # compact: keep the last W tokens
@@ -157,17 +161,16 @@ class ContextCache:
                 buf[:, :, :keep] = buf[:, :, self.pos - self.base - keep:self.pos - self.base].clone()
             self.base = self.pos - keep
         at = self.pos - self.base                                  # the new tokens' first row
-        first = {False: max(self.base, self.pos - W) - self.base}  # the window's first row (global layers)
-        if net.cfg.local_layers:                                     # local layers: only the rows they see
-            first[True] = max(first[False], at - net.cfg.local_window + 1)
-        masks = {local: (net.visible(torch.arange(at, at + m), torch.arange(lo, at + m), local) if m > 1 else None)
-                 for local, lo in first.items()}                     # one new token sees all its rows
+        views = {}               # global or local layers: (the first row they read, mask; one new token sees all)
+        for local in {net.is_local(i) for i in range(len(net.blocks))}:
+            lo = max(0, at - (min(W, net.cfg.local_window - 1) if local else W))
+            views[local] = lo, (net.visible(torch.arange(at, at + m), torch.arange(lo, at + m), local) if m > 1
+                                else None)
         for i, (block, keys, values) in enumerate(zip(net.blocks, self.keys, self.values)):
             q, k, v = block.heads(h, tables)
             keys[:lanes, :, at:at + m] = k
             values[:lanes, :, at:at + m] = v
-            local = net.is_local(i)
-            lo = first[local]
-            h = block.finish(h, q, keys[:lanes, :, lo:at + m], values[:lanes, :, lo:at + m], masks[local])
+            lo, mask = views[net.is_local(i)]
+            h = block.finish(h, q, keys[:lanes, :, lo:at + m], values[:lanes, :, lo:at + m], mask)
         self.pos += m
         return net.ctx_out(net.ln_ctx(h[:, -1:]))

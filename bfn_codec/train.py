@@ -190,12 +190,14 @@ def learning_rate(tcfg, step, remaining_seconds):
 
 def _initial_state(path, mcfg, overrides):
     """(parameters, config) of a new run started from a weights file or checkpoint: the file's
-    model config with the model options given explicitly (overrides; None: none), its EMA
+    model config with the model options given explicitly (overrides; None: all of mcfg), its EMA
     weights, the context network's key/value heads averaged in groups where kv_heads falls
     (mean-pooled heads, as in grouped-query attention uptraining, Ainslie et al. 2023)."""
     from .model import load_weights, regroup_kv_heads
     model, _, _ = load_weights(path, dtype=torch.float32)
-    given = {f.name for f in dataclasses.fields(ModelConfig)} & set(overrides or ())
+    given = {f.name for f in dataclasses.fields(ModelConfig)}
+    if overrides is not None:
+        given &= set(overrides)
     cfg = dataclasses.replace(model.cfg, **{k: getattr(mcfg, k) for k in given})
     state = model.state_dict()
     if cfg.kv_heads != model.cfg.kv_heads:
@@ -350,7 +352,7 @@ class Trainer:
         if self.step == 0 and self.rank == 0:
             self.eval_and_log(losses, 0.0)
         while not (tcfg.max_steps and self.step >= tcfg.max_steps):
-            loss = self.train_step(tcfg.minutes * 60 - (time.time() - start))
+            loss = self.train_step(self.seconds_left(start))
             now = time.time()
             self.train_seconds = base_seconds + now - start
             done = bool(now - start >= tcfg.minutes * 60 or (tcfg.max_steps and self.step >= tcfg.max_steps)
@@ -370,6 +372,15 @@ class Trainer:
                 if self.world > 1:           # no rank leaves before rank 0 has saved
                     dist.barrier()
                 return
+
+    def seconds_left(self, start):
+        """Of this invocation's time; with several ranks and a cool-down, rank 0's clock for all."""
+        left = self.tcfg.minutes * 60 - (time.time() - start)
+        if self.world > 1 and self.tcfg.cooldown_minutes > 0:       # every rank the same learning rate
+            left = torch.tensor([left], dtype=torch.float64, device=self.device)
+            dist.broadcast(left, 0)
+            left = left.item()
+        return left
 
     def eval_and_log(self, losses, seconds):
         t0 = time.time()
