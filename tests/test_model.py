@@ -91,7 +91,7 @@ def test_cached_context_equals_the_training_pass(window, kv_heads, local, chunk)
     key/value heads than query heads (grouped and multi-query attention), with a first layer
     that sees only the last `local` tokens, and with chunks of one byte (one new token per
     step: attention with no mask, heads grouped by key)."""
-    net = random_sar(dataclasses.replace(SAR, context_len=window, kv_heads=kv_heads, local_layers=1,
+    net = random_sar(dataclasses.replace(SAR, context_len=window, kv_heads=kv_heads, local_layers=int(local > 0),
                                          local_window=local))
     seq = torch.randint(0, 256, (1, 16))
     count = 16 // chunk
