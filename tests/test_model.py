@@ -235,3 +235,21 @@ def test_a_local_layer_forgets_what_lies_beyond_its_window():
         net = random_sar(dataclasses.replace(SAR, local_layers=layers, local_window=3))
         gap = (net.context(seq, 1)[:, -1] - net.context(far, 1)[:, -1]).abs().max().item()
         assert (gap > 1e-6) == depends, (layers, gap)
+
+
+def test_the_cache_compacts_correctly_when_calls_are_as_long_as_its_slack(monkeypatch):
+    """Buffers with room for only one call beyond the window (SLACK below the chunk length)
+    still give the states of a cache that never compacts; a malformed local config is refused."""
+    from bfn_codec.sar import ContextCache
+    net = random_sar(dataclasses.replace(SAR, context_len=6, local_layers=1, local_window=3))
+    seq = torch.randint(0, 256, (1, 16))
+    calls = [seq[0, max(0, 2 * j - 2):2 * j].tolist() for j in range(8)]
+    roomy = net.coding_context()
+    expected = [roomy.advance([c]) for c in calls]
+    monkeypatch.setattr(ContextCache, "SLACK", 1)
+    tight = net.coding_context()
+    assert all(torch.equal(tight.advance([c]), e) for c, e in zip(calls, expected))
+    assert tight.keys[0].shape[2] == 6 + 3
+    for bad in (dict(local_layers=1, local_window=0), dict(local_layers=3, local_window=2)):
+        with pytest.raises(ValueError):
+            build(dataclasses.replace(SAR, **bad))
