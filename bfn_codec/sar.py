@@ -91,7 +91,7 @@ class SARNet(nn.Module):
         return self.ctx_out(self.ln_ctx(h[:, ::chunk_len or self.cfg.chunk_len]))
 
     def is_local(self, layer):
-        return layer < self.cfg.local_layers and self.cfg.local_window > 0
+        return layer < self.cfg.local_layers       # the config check ensures a local_window of at least 1
 
     def visible(self, queries, keys, local):
         """Which keys each query sees (token numbers (T,) and (S,) -> (T, S) bools): those not after
