@@ -92,7 +92,9 @@ class ChunkNet(nn.Module):
         delta = self.head(self.ln_out(h)).reshape(B, C, L, -1)
         return self.family.log_probs(z, delta)
 
-    def coding_context(self):
+    def coding_context(self, integer=False):
+        if integer:
+            raise ValueError("the chunk design codes in float64 only")
         return WindowContext(self)
 
     @torch.no_grad()

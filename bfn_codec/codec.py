@@ -213,8 +213,9 @@ def load_setup(model_path, steps, bins, chunk_len=None, version=None):
     format version of the file (None: the one written now for this model)."""
     from .predictor import Predictor
     model, fingerprint, _ = _load_model(model_path)
-    lane_rule = container.LANES[version or container.version_for(model.cfg.output)]
-    return Setup(Predictor(model, chunk_len), coder.Schedule(steps, model.cfg.beta1, bins), fingerprint, lane_rule)
+    version = version or container.version_for(model.cfg.output)
+    return Setup(Predictor(model, chunk_len, integer=version in container.INTEGER_CONTEXT),
+                 coder.Schedule(steps, model.cfg.beta1, bins), fingerprint, container.LANES[version])
 
 
 @functools.lru_cache(maxsize=2)

@@ -61,6 +61,16 @@ class Block(nn.Module):
             q, k = rotary(q, tables), rotary(k, tables)
         return q, k, v
 
+    @staticmethod
+    def cache_rows(k, v):
+        """What a coding-time cache keeps of new keys and values (tensors (B, kv_heads, T, ...))."""
+        return k, v
+
+    @staticmethod
+    def from_cache(k, v):
+        """Cached rows -> the keys and values that `finish` takes."""
+        return k, v
+
     def finish(self, h, q, k, v, mask=None, causal=False):
         a = self.attend(q, k, v, mask, causal)
         h = h + self.proj(a.transpose(1, 2).reshape(h.shape))

@@ -24,8 +24,10 @@ class Predictor:
     PROBE_SEQUENCES = 2    # training-length sequences of a frame whose t = 0 code length is measured
     PROBE_RATIO = {True: 0.9, False: 0.5}     # share of it the transmission pays: L = 1, L > 1
 
-    def __init__(self, model, chunk_len=None):
+    def __init__(self, model, chunk_len=None, integer=False):
         torch.set_num_threads(1)           # the same arithmetic in every process
+        torch.set_float32_matmul_precision("highest")      # exact.py's float32 products stay float32
+        self.integer = integer             # the context network on int8 grids (exact.py; format 5 on)
         self.model = model
         self.cfg = model.cfg
         self.chunk_len = chunk_len or default_chunk_len(model)
@@ -35,7 +37,7 @@ class Predictor:
         self.family = coder.FAMILIES[model.cfg.output]()
 
     def contexts(self):
-        return self.model.coding_context()
+        return self.model.coding_context(self.integer)
 
     def for_stripe(self, states, lengths):
         runs = []                                 # lanes with equal chunk lengths: one network call

@@ -116,8 +116,9 @@ class SARNet(nn.Module):
         delta = self.head(self.ln_out(h)).reshape(B, C, L, -1) + prior
         return self.family.log_probs(z, delta)
 
-    def coding_context(self):
-        return ContextCache(self)
+    def coding_context(self, integer=False):
+        """The coding-time context network (`ContextCache`); integer: its products on int8 grids (exact.py)."""
+        return ContextCache(self, integer)
 
     def prepare(self, state):
         return state
@@ -132,13 +133,19 @@ class ContextCache:
     `advance(previous_chunks)` takes the previous chunk of each lane still going (equal
     lengths; the lanes that stopped are the last ones) and returns the next chunk's context
     states (lanes, 1, ds); the first call puts the BOS token first. Encoder and decoder call
-    it with the same shapes in the same order, so both compute identical states."""
+    it with the same shapes in the same order, so both compute identical states. integer:
+    the blocks' products run on int8 grids (exact.IntBlock), the same bits on every machine."""
 
     SLACK = 256            # tokens written past the window before the buffers are compacted
 
-    def __init__(self, net):
+    def __init__(self, net, integer=False):
         self.net = net
-        self.keys = self.values = None      # per layer: (lanes, heads, W + SLACK, head_dim)
+        if integer:
+            from .exact import IntBlock, IntLinear
+            self.blocks, self.ctx_out = [IntBlock(block) for block in net.blocks], IntLinear(net.ctx_out)
+        else:
+            self.blocks, self.ctx_out = list(net.blocks), net.ctx_out
+        self.rows = None                    # per layer: what the block keeps per token, (lanes, kv_heads, W + SLACK, ...)
         self.base = self.pos = 0            # token number of buffer row 0; tokens so far
 
     @torch.no_grad()
@@ -150,27 +157,28 @@ class ContextCache:
         lanes, m = tokens.shape
         h = net.byte_emb(tokens).to(dtype)
         tables = rotary_tables(torch.arange(self.pos, self.pos + m), net.cfg.d_model // net.cfg.n_heads, dtype)
-        if self.keys is None:
-            rows = W + max(self.SLACK, net.cfg.chunk_len + 1)       # the longest call: BOS and a chunk
-            shape = (lanes, net.blocks[0].kv_heads, rows, net.cfg.d_model // net.cfg.n_heads)
-            self.keys = [torch.zeros(shape, dtype=dtype) for _ in net.blocks]
-            self.values = [torch.zeros(shape, dtype=dtype) for _ in net.blocks]
-        if self.pos + m - self.base > self.keys[0].shape[2]:        # compact: keep the last W tokens
+        if self.rows is not None and self.pos + m - self.base > self.rows[0][0].shape[2]:   # compact: keep the last W
             keep = min(W, self.pos - self.base)
-            for buf in self.keys + self.values:
+            for buf in (buf for layer in self.rows for buf in layer):
                 buf[:, :, :keep] = buf[:, :, self.pos - self.base - keep:self.pos - self.base].clone()
             self.base = self.pos - keep
         at = self.pos - self.base                                  # the new tokens' first row
         views = {}               # global or local layers: (the first row they read, mask; one new token sees all)
-        for local in {net.is_local(i) for i in range(len(net.blocks))}:
+        for local in {net.is_local(i) for i in range(len(self.blocks))}:
             lo = max(0, at - (min(W, net.cfg.local_window - 1) if local else W))
             views[local] = lo, (net.visible(torch.arange(at, at + m), torch.arange(lo, at + m), local) if m > 1
                                 else None)
-        for i, (block, keys, values) in enumerate(zip(net.blocks, self.keys, self.values)):
+        if self.rows is None:
+            self.rows = [None] * len(self.blocks)
+        for i, block in enumerate(self.blocks):
             q, k, v = block.heads(h, tables)
-            keys[:lanes, :, at:at + m] = k
-            values[:lanes, :, at:at + m] = v
+            new = block.cache_rows(k, v)
+            if self.rows[i] is None:      # the longest call: BOS and a chunk
+                size = W + max(self.SLACK, net.cfg.chunk_len + 1)
+                self.rows[i] = [torch.zeros((lanes, a.shape[1], size) + a.shape[3:], dtype=a.dtype) for a in new]
+            for buf, a in zip(self.rows[i], new):
+                buf[:lanes, :, at:at + m] = a
             lo, mask = views[net.is_local(i)]
-            h = block.finish(h, q, keys[:lanes, :, lo:at + m], values[:lanes, :, lo:at + m], mask)
+            h = block.finish(h, q, *block.from_cache(*(buf[:lanes, :, lo:at + m] for buf in self.rows[i])), mask)
         self.pos += m
-        return net.ctx_out(net.ln_ctx(h[:, -1:]))
+        return self.ctx_out(net.ln_ctx(h[:, -1:]))

@@ -137,7 +137,7 @@ def test_fewer_key_value_heads_shrink_the_cache():
     caches = [net.coding_context() for net in (full, mqa)]
     for cache in caches:
         cache.advance([b""])
-    assert caches[0].keys[0].numel() == SAR.n_heads * caches[1].keys[0].numel()
+    assert caches[0].rows[0][0].numel() == SAR.n_heads * caches[1].rows[0][0].numel()
 
 
 def test_sar_chunk_sees_its_context_and_its_neighbour():
@@ -211,15 +211,17 @@ def test_a_new_design_is_one_class_and_one_registry_line(tmp_path, monkeypatch):
         codec.load_setup.cache_clear() or codec._load_model.cache_clear() or codec.decompress(blob, str(tmp_path / "t.pt"))
 
 
-def test_context_cache_compaction_keeps_the_states(monkeypatch):
-    """The coding-time buffers are compacted now and then; the states do not change."""
+@pytest.mark.parametrize("integer", [False, True])
+def test_context_cache_compaction_keeps_the_states(monkeypatch, integer):
+    """The coding-time buffers are compacted now and then; the states do not change (in
+    float64 and on int8 grids)."""
     from bfn_codec.sar import ContextCache
     net = random_sar(dataclasses.replace(SAR, context_len=8))
     seq = torch.randint(0, 256, (3, 120))
     runs = []
     for slack in (3, 1000):
         monkeypatch.setattr(ContextCache, "SLACK", slack)
-        cache = net.coding_context()
+        cache = net.coding_context(integer)
         runs.append([cache.advance([seq[j, max(0, 2 * k - 2):2 * k].tolist() for j in range(3 - (k > 50))])
                      for k in range(60)])
     assert all(torch.equal(a, b) for a, b in zip(*runs))
@@ -249,7 +251,7 @@ def test_the_cache_compacts_correctly_when_calls_are_as_long_as_its_slack(monkey
     monkeypatch.setattr(ContextCache, "SLACK", 1)
     tight = net.coding_context()
     assert all(torch.equal(tight.advance([c]), e) for c, e in zip(calls, expected))
-    assert tight.keys[0].shape[2] == 6 + 3
+    assert tight.rows[0][0].shape[2] == 6 + 3
     for bad in (dict(local_layers=1, local_window=0), dict(local_layers=3, local_window=2)):
         with pytest.raises(ValueError):
             build(dataclasses.replace(SAR, **bad))

@@ -1,0 +1,90 @@
+"""The context network at coding time on integer grids (format 5 on): its products are exact,
+so that its states do not depend on the machine, the BLAS or the other lanes of a batch.
+
+A float matrix product depends on the order of its sums, and that order depends on the
+machine (SIMD width, BLAS, threads). Here every product of the coding-time context network
+takes integer operands, so that every order gives the same bits:
+- a linear layer's input rows are scaled to [-127, 127] and rounded (`int8_rows`), its
+  weights once per output channel; torch._int_mm sums the products in int32;
+- attention: queries and keys as int8 rows (their products summed over a head: below 2^24,
+  exact in float32); the softmax weights, times each value row's scale over the largest,
+  rounded to multiples of 2^-16, times the int8 values (sums below 127 (2^16 + S), exact in
+  float32 for windows S up to 2^16).
+What stays float64 is elementwise or a short reduction (layer norm, softmax, GELU, rotary,
+the scales): a last-bit difference there moves a value across a rounding boundary about
+once in 10^14 values. The rounding costs the shipped model 0.0003 bits per byte on the
+validation slice (docs/speed.md). Training and evaluation never use this module.
+"""
+import math
+
+import torch
+import torch.nn as nn
+
+from .layers import Block
+
+WEIGHT_GRID = 2.0 ** 16      # attention weights are multiples of 1 / WEIGHT_GRID
+
+
+def int8_rows(x):
+    """x (..., k) -> (integers in [-127, 127] as int8, float64 scales (..., 1)): x ~ ints * scale."""
+    top = x.double().abs().amax(-1, keepdim=True).clamp_min(1e-30)
+    return torch.round(x * (127 / top)).to(torch.int8), top / 127
+
+
+def int_matmul(a, b):
+    """a (M, k) @ b (k, N) of int8 matrices, exactly, as float64."""
+    return torch._int_mm(a, b).double()
+
+
+class IntLinear(nn.Module):
+    """An nn.Linear with int8 weights (one scale per output channel) and int8 input rows."""
+
+    def __init__(self, linear):
+        super().__init__()
+        weight, scale = int8_rows(linear.weight.detach())
+        self.register_buffer("weight_t", weight.t().contiguous())        # (in, out)
+        self.register_buffer("weight_scale", scale[:, 0])
+        self.register_buffer("bias", linear.bias.detach().double())
+
+    def forward(self, x):
+        rows, scale = int8_rows(x.reshape(-1, x.shape[-1]))
+        y = int_matmul(rows, self.weight_t) * scale * self.weight_scale + self.bias
+        return y.reshape(x.shape[:-1] + (-1,))
+
+
+class IntBlock(Block):
+    """A context block (layers.Block) whose products run on int8 grids: the same layer
+    norms, heads and residual stream; keys and values are kept as int8 rows (held in float32
+    for the products) with their float64 scales."""
+
+    def __init__(self, block):
+        nn.Module.__init__(self)
+        self.n_heads, self.rope, self.kv_heads = block.n_heads, block.rope, block.kv_heads
+        self.ln1, self.ln2 = block.ln1, block.ln2
+        self.qkv, self.proj = IntLinear(block.qkv), IntLinear(block.proj)
+        self.mlp = nn.Sequential(IntLinear(block.mlp[0]), block.mlp[1], IntLinear(block.mlp[2]))
+
+    @staticmethod
+    def cache_rows(k, v):
+        """What a cache keeps of new keys and values: their int8 rows and scales."""
+        (kq, ks), (vq, vs) = int8_rows(k), int8_rows(v)
+        return kq.float(), ks, vq.float(), vs
+
+    @staticmethod
+    def from_cache(kq, ks, vq, vs):
+        return (kq, ks), (vq, vs)
+
+    def attend(self, q, k, v, mask=None, causal=False):
+        """q (B, H, T, hd) float64 over cached k, v: (ints (B, kv_heads, S, hd), scales (B, kv_heads, S, 1));
+        mask (T, S) or None (all keys)."""
+        (kq, ks), (vq, vs) = k, v
+        B, H, T, hd = q.shape
+        group = H // self.kv_heads
+        qq, qs = int8_rows(q.reshape(B, self.kv_heads, group * T, hd))     # query head h reads kv head h // group
+        logits = (qq.float() @ kq.transpose(-1, -2)).double() * qs * ks.transpose(-1, -2) * (1 / math.sqrt(hd))
+        if mask is not None:
+            logits = logits.masked_fill(~mask.repeat(group, 1), -math.inf)
+        top = vs.amax(-2, keepdim=True)                                      # (B, kv_heads, 1, 1)
+        weights = torch.round(logits.softmax(-1) * (vs.transpose(-1, -2) / top) * WEIGHT_GRID)
+        out = (weights.float() @ vq).double() * (top / WEIGHT_GRID)
+        return out.reshape(B, H, T, hd)

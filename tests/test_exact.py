@@ -1,0 +1,60 @@
+"""The context network on int8 grids (exact.py): exact products, states that depend on
+nothing but the lane's own bytes, close to the float64 network."""
+import dataclasses
+
+import pytest
+import torch
+
+from bfn_codec.exact import IntLinear, int8_rows
+from test_model import SAR, random_sar
+
+
+def test_int8_rows_round_to_the_nearest_point_of_each_rows_grid():
+    x = torch.randn(5, 40, dtype=torch.float64) * torch.tensor([1e-3, 1.0, 10.0, 1e3, 0.0])[:, None]
+    ints, scale = int8_rows(x)
+    assert ints.dtype == torch.int8 and ints.abs().max() == 127
+    assert torch.all((x - ints.double() * scale).abs() <= scale / 2 * (1 + 1e-12))
+    assert torch.equal(ints[4], torch.zeros(40, dtype=torch.int8))
+
+
+def test_an_int_linear_is_its_integer_product_scaled():
+    """The integer product is exact (compared with float64 sums of the same integers, exact
+    below 2^53), so the output is the rounded weights and inputs times their scales."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(300, 70).double()
+    x = torch.randn(9, 300, dtype=torch.float64)
+    xq, xs = int8_rows(x)
+    wq, ws = int8_rows(linear.weight.detach())
+    expected = (xq.double() @ wq.double().T) * xs * ws[:, 0] + linear.bias.detach()
+    assert torch.equal(IntLinear(linear)(x), expected)
+    assert (IntLinear(linear)(x) - linear(x)).abs().max() < 0.05 * linear(x).abs().max()
+
+
+LANE_CASES = [dict(), dict(kv_heads=1), dict(local_layers=1, local_window=3), dict(context_len=6)]
+
+
+@pytest.mark.parametrize("chunk", [1, 2])
+@pytest.mark.parametrize("change", LANE_CASES)
+def test_integer_states_depend_only_on_the_lanes_own_bytes(chunk, change):
+    """A lane's states on int8 grids are the same bits whether it is coded alone or beside
+    other lanes, in any position of the batch (its products are exact, the rest is per row),
+    and whatever the thread count; they are close to the float64 states but not equal."""
+    net = random_sar(dataclasses.replace(SAR, **change))
+    seq = torch.randint(0, 256, (3, 24))
+
+    def states(rows, integer=True):
+        cache = net.coding_context(integer)
+        return torch.cat([cache.advance([seq[r, max(0, chunk * (j - 1)):chunk * j].tolist() for r in rows])
+                          for j in range(24 // chunk)], 1)
+
+    together = states([0, 1, 2])
+    assert torch.equal(states([1]), together[1:2])
+    assert torch.equal(states([2, 0]), together[[2, 0]])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert torch.equal(states([0, 1, 2]), together)
+    finally:
+        torch.set_num_threads(threads)
+    gap = (states([0, 1, 2], integer=False) - together).abs().max().item()
+    assert 0 < gap < 0.05 * together.abs().max().item()
