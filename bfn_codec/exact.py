@@ -26,14 +26,9 @@ WEIGHT_GRID = 2.0 ** 16      # attention weights are multiples of 1 / WEIGHT_GRI
 
 
 def int8_rows(x):
-    """x (..., k) -> (integers in [-127, 127] as int8, float64 scales (..., 1)): x ~ ints * scale."""
-    top = x.double().abs().amax(-1, keepdim=True).clamp_min(1e-30)
-    return torch.round(x * (127 / top)).to(torch.int8), top / 127
-
-
-def int_matmul(a, b):
-    """a (M, k) @ b (k, N) of int8 matrices, exactly, as float64."""
-    return torch._int_mm(a, b).double()
+    """x (..., k) float64 -> (integers in [-127, 127], as float64; scales (..., 1)): x ~ ints * scale."""
+    scale = x.abs().amax(-1, keepdim=True).clamp_min_(1e-30).div_(127)
+    return (x / scale).round_(), scale
 
 
 class IntLinear(nn.Module):
@@ -41,15 +36,22 @@ class IntLinear(nn.Module):
 
     def __init__(self, linear):
         super().__init__()
-        weight, scale = int8_rows(linear.weight.detach())
-        self.register_buffer("weight_t", weight.t().contiguous())        # (in, out)
+        weight, scale = int8_rows(linear.weight.detach().double())
+        self.register_buffer("weight_t", weight.to(torch.int8).t().contiguous())        # (in, out)
         self.register_buffer("weight_scale", scale[:, 0])
         self.register_buffer("bias", linear.bias.detach().double())
 
     def forward(self, x):
         rows, scale = int8_rows(x.reshape(-1, x.shape[-1]))
-        y = int_matmul(rows, self.weight_t) * scale * self.weight_scale + self.bias
+        y = torch._int_mm(rows.to(torch.int8), self.weight_t).double().mul_(scale).mul_(self.weight_scale).add_(self.bias)
         return y.reshape(x.shape[:-1] + (-1,))
+
+
+class Gelu(nn.Module):
+    """nn.GELU's function, x Phi(x), written out: torch.erf is faster than F.gelu in float64."""
+
+    def forward(self, x):
+        return torch.erf(x * (1 / math.sqrt(2))).add_(1).mul_(x).mul_(0.5)
 
 
 class IntBlock(Block):
@@ -62,13 +64,14 @@ class IntBlock(Block):
         self.n_heads, self.rope, self.kv_heads = block.n_heads, block.rope, block.kv_heads
         self.ln1, self.ln2 = block.ln1, block.ln2
         self.qkv, self.proj = IntLinear(block.qkv), IntLinear(block.proj)
-        self.mlp = nn.Sequential(IntLinear(block.mlp[0]), block.mlp[1], IntLinear(block.mlp[2]))
+        self.mlp = nn.Sequential(IntLinear(block.mlp[0]), Gelu(), IntLinear(block.mlp[2]))
 
     @staticmethod
     def cache_rows(k, v):
-        """What a cache keeps of new keys and values: their int8 rows and scales."""
-        (kq, ks), (vq, vs) = int8_rows(k), int8_rows(v)
-        return kq.float(), ks, vq.float(), vs
+        """What a cache keeps of new keys and values: their int8 rows (as float32) and scales."""
+        ints, scales = int8_rows(torch.cat([k, v], 1))
+        ints = ints.float()
+        return ints[:, :k.shape[1]], scales[:, :k.shape[1]], ints[:, k.shape[1]:], scales[:, k.shape[1]:]
 
     @staticmethod
     def from_cache(kq, ks, vq, vs):
@@ -81,10 +84,10 @@ class IntBlock(Block):
         B, H, T, hd = q.shape
         group = H // self.kv_heads
         qq, qs = int8_rows(q.reshape(B, self.kv_heads, group * T, hd))     # query head h reads kv head h // group
-        logits = (qq.float() @ kq.transpose(-1, -2)).double() * qs * ks.transpose(-1, -2) * (1 / math.sqrt(hd))
+        logits = (qq.float() @ kq.transpose(-1, -2)).double().mul_(qs.mul_(1 / math.sqrt(hd))).mul_(ks.transpose(-1, -2))
         if mask is not None:
-            logits = logits.masked_fill(~mask.repeat(group, 1), -math.inf)
+            logits = logits.masked_fill_(~mask.repeat(group, 1), -math.inf)
         top = vs.amax(-2, keepdim=True)                                      # (B, kv_heads, 1, 1)
-        weights = torch.round(logits.softmax(-1) * (vs.transpose(-1, -2) / top) * WEIGHT_GRID)
-        out = (weights.float() @ vq).double() * (top / WEIGHT_GRID)
+        weights = logits.softmax(-1).mul_(vs.transpose(-1, -2) / top).mul_(WEIGHT_GRID).round_()
+        out = (weights.float() @ vq).double().mul_(top / WEIGHT_GRID)
         return out.reshape(B, H, T, hd)

@@ -50,15 +50,13 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
 
     def heads(self, h, tables=None):
+        """-> q (B, n_heads, T, hd), k and v (B, kv_heads, T, hd); q and k rotated together."""
         B, T, d = h.shape
-        if self.kv_heads == self.n_heads:
-            q, k, v = self.qkv(self.ln1(h)).reshape(B, T, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)
-        else:
-            kv = self.kv_heads * (d // self.n_heads)
-            q, k, v = self.qkv(self.ln1(h)).split([d, kv, kv], -1)
-            q, k, v = (a.reshape(B, T, -1, d // self.n_heads).transpose(1, 2) for a in (q, k, v))
+        qkv = self.qkv(self.ln1(h)).reshape(B, T, -1, d // self.n_heads).transpose(1, 2)   # the heads: q, k, v
+        qk, v = qkv.split([self.n_heads + self.kv_heads, self.kv_heads], 1)
         if self.rope:
-            q, k = rotary(q, tables), rotary(k, tables)
+            qk = rotary(qk, tables)
+        q, k = qk.split([self.n_heads, self.kv_heads], 1)
         return q, k, v
 
     @staticmethod

@@ -56,7 +56,7 @@ class Predictor:
             outs, offset = [], 0
             for (context, z), (_, m, n) in zip(calls, runs):
                 z[..., 1] = torch.from_numpy(s[offset:offset + m * n * V]).reshape(m, 1, n, V)
-                t_ = torch.full((m, 1), float(t), dtype=torch.float64)
+                t_ = torch.full((1, 1), float(t), dtype=torch.float64)       # every lane's
                 outs.append(self.family.from_network(self.model(z, t_, context)))
                 offset += m * n * V
             return np.concatenate(outs)

@@ -26,6 +26,7 @@ longest chunk the per-step network knows; a model trained on several chunk lengt
 """
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .families import family_of, to_vars, symbol_bits
 from .layers import Block, rotary_tables, time_features
@@ -100,7 +101,8 @@ class SARNet(nn.Module):
         return (ago >= 0) & (ago < self.cfg.local_window) if local else ago >= 0
 
     def forward(self, z, t, state):
-        """log p_O for chunks: z (B, C, L, V, 2), t (B, C), state (B, C, ds) from `context`."""
+        """log p_O for chunks: z (B, C, L, V, 2), t (B, C) (or (1, 1): the same for all), state
+        (B, C, ds) from `context`."""
         B, C, L = z.shape[:3]
         if not self.cfg.step_layers:
             return self.family.log_probs(z, self.head(self.ln_out(state))[:, :, None])
@@ -112,7 +114,8 @@ class SARNet(nn.Module):
         for block in self.step_blocks:
             q, k, v = block.heads(h)
             h = block.finish(h, q, k, v)
-        prior = self.prior(state).reshape(B, C, self.cfg.chunk_len, -1)[:, :, :L]
+        rows = L * self.family.n_out                 # the prior of the chunk's L positions
+        prior = F.linear(state, self.prior.weight[:rows], self.prior.bias[:rows]).reshape(B, C, L, -1)
         delta = self.head(self.ln_out(h)).reshape(B, C, L, -1) + prior
         return self.family.log_probs(z, delta)
 
