@@ -7,6 +7,7 @@ network sees the clean bytes before it. The frame's last chunks are coded direct
 bits-back) under the network's t = 0 prediction and pushed first: they are the initial
 bits that the first bits-back chunk pops. The decoder checks that the stack ends empty.
 """
+import contextlib
 import dataclasses
 import functools
 import lzma
@@ -235,20 +236,28 @@ def decode_job(setup, frame, progress=None):
         return e
 
 
-_process_setup = None      # a worker process's Setup, set once by its pool initializer
+def _init_worker(model_path):
+    _load_model(model_path)
 
 
-def _init_worker(*settings):
-    global _process_setup
-    _process_setup = load_setup(*settings)
+def _in_worker(job, settings, item):
+    return job(load_setup(*settings), item)
 
 
-def _in_worker(job, item):
-    return job(_process_setup, item)
+@contextlib.contextmanager
+def worker_pool(workers, frames, model_path):
+    """Worker processes for `frames` frames (None where one process codes them all: one worker
+    or one frame), started at once so that they import torch and load the model while this
+    process does its part (the probe, the header check); they are stopped on leaving."""
+    if min(workers, frames) <= 1:
+        yield None
+        return
+    with _start_pool(min(workers, frames), model_path) as pool:
+        yield pool
 
 
-def _start_pool(workers, settings):
-    """A pool of `workers` spawned processes, each with the model loaded (load_setup(*settings)).
+def _start_pool(workers, model_path):
+    """A pool of `workers` spawned processes, each loading the model (_load_model(model_path)).
 
     They start with /dev/null as stderr: a Ctrl-C while they import torch then shows no
     traceback of theirs (results and errors come back through the pool; this process reports
@@ -264,7 +273,7 @@ def _start_pool(workers, settings):
     stderr, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
     try:
-        pool = mp.get_context("spawn").Pool(workers, _init_worker, settings)
+        pool = mp.get_context("spawn").Pool(workers, _init_worker, (model_path,))
     finally:
         os.dup2(stderr, 2)
         os.close(stderr)
@@ -277,21 +286,20 @@ def _start_pool(workers, settings):
     return pool
 
 
-def run_frames(job, items, settings, workers, progress=None, size=len):
-    """Map job(setup, item[, progress]) over frames in `workers` processes (1: in this process);
+def run_frames(job, items, settings, pool, progress=None, size=len):
+    """Map job(setup, item[, progress]) over frames in a `worker_pool` (None: in this process);
     settings: the arguments of load_setup.
     Results keep their order. progress(n_bytes) is called as bytes are done: per chunk in this
     process, per frame in a pool."""
-    if workers <= 1 or len(items) <= 1:
+    if pool is None or len(items) <= 1:
         setup = load_setup(*settings)
         return [job(setup, item, progress) for item in items]
-    with _start_pool(min(workers, len(items)), settings) as pool:
-        results = []
-        for item, res in zip(items, pool.imap(functools.partial(_in_worker, job), items)):
-            results.append(res)
-            if progress:
-                progress(size(item))
-        return results
+    results = []
+    for item, res in zip(items, pool.imap(functools.partial(_in_worker, job, settings), items)):
+        results.append(res)
+        if progress:
+            progress(size(item))
+    return results
 
 
 def split_frames(data, frame_size):
@@ -391,17 +399,18 @@ def compress(data, model_path=None, steps=None, bins=DEFAULT_BINS, frame_size=FR
                               container.NO_MODEL_VERSION)
     if any(f is None for f in frames):
         model_path = model_path or DEFAULT_MODEL
-        model = _load_model(model_path)[0]
-        steps, chunk_len = coding_settings(model, level, steps, chunk_len)
-        settings = (model_path, steps, bins, chunk_len, container.version_for(model.cfg.output))
-        setup = load_setup(*settings)
-        if fallback:
-            frames = [f or without_bfn(part, setup.predictor) for f, part in zip(frames, parts)]
-        if progress:
-            progress(sum(f.raw_len for f in frames if f is not None))
-        todo = [k for k, f in enumerate(frames) if f is None]
-        coded = run_frames(functools.partial(encode_job, fallback=fallback, probe=False),
-                           [parts[k] for k in todo], settings, workers, progress)
+        with worker_pool(workers, frames.count(None), model_path) as pool:
+            model = _load_model(model_path)[0]
+            steps, chunk_len = coding_settings(model, level, steps, chunk_len)
+            settings = (model_path, steps, bins, chunk_len, container.version_for(model.cfg.output))
+            setup = load_setup(*settings)
+            if fallback:
+                frames = [f or without_bfn(part, setup.predictor) for f, part in zip(frames, parts)]
+            if progress:
+                progress(sum(f.raw_len for f in frames if f is not None))
+            todo = [k for k, f in enumerate(frames) if f is None]
+            coded = run_frames(functools.partial(encode_job, fallback=fallback, probe=False),
+                               [parts[k] for k in todo], settings, pool, progress)
         for k, frame in zip(todo, coded):
             frames[k] = frame
         if any(f.method == Method.BITS_BACK for f in frames):     # else the file needs no model
@@ -438,15 +447,16 @@ def decompress(blob, model_path=None, workers=1, progress=None):
 def _decompress_member(header, frames, crcs, model_path, workers, progress):
     if any(f.method == Method.BITS_BACK for f in frames):
         model_path = model_path or DEFAULT_MODEL
-        model, fingerprint, _ = _load_model(model_path)
-        if fingerprint != header.model:
-            raise container.FormatError(f"this file needs model {header.model}, but the model given is "
-                                        f"{fingerprint} ({model_path}); pass the right one with --model")
-        if header.chunk_len not in model.chunk_lens or header.context_len != model.cfg.context_len \
-                or header.version not in container.READS[model.cfg.output]:
-            raise container.FormatError("corrupted .bfn file (settings differ from the model's)")
-        results = run_frames(decode_job, frames, (model_path, header.steps, header.bins, header.chunk_len,
-                                                  header.version), workers, progress, size=lambda f: f.raw_len)
+        with worker_pool(workers, len(frames), model_path) as pool:
+            model, fingerprint, _ = _load_model(model_path)
+            if fingerprint != header.model:
+                raise container.FormatError(f"this file needs model {header.model}, but the model given is "
+                                            f"{fingerprint} ({model_path}); pass the right one with --model")
+            if header.chunk_len not in model.chunk_lens or header.context_len != model.cfg.context_len \
+                    or header.version not in container.READS[model.cfg.output]:
+                raise container.FormatError("corrupted .bfn file (settings differ from the model's)")
+            results = run_frames(decode_job, frames, (model_path, header.steps, header.bins, header.chunk_len,
+                                                      header.version), pool, progress, size=lambda f: f.raw_len)
     else:
         results = [decode_frame(f, None, None) for f in frames]
         if progress:

@@ -39,15 +39,17 @@ POP_SIGMAS = 6.0           # pop ranges: +- this many standard deviations
 
 
 def quantise_logit(logit):
-    """Round float logits (any dtype) to the fixed grid: what both sides agree on."""
-    return np.clip(np.round(np.asarray(logit, np.float64) / LOGIT_STEP), -LOGIT_MAX / LOGIT_STEP,
-                   LOGIT_MAX / LOGIT_STEP) * LOGIT_STEP
+    """Round float logits (any dtype) to the fixed grid: what both sides agree on. (The steps
+    are powers of two: scaling by them is exact.)"""
+    points = np.round(np.asarray(logit, np.float64) * (1 / LOGIT_STEP))
+    top = LOGIT_MAX / LOGIT_STEP
+    return np.minimum(np.maximum(points, -top, out=points), top, out=points) * LOGIT_STEP
 
 
 def prob_of_one(logit):
     """sigmoid(logit) on the 2^-20 grid, never 0 or 1."""
-    p = 1.0 / (1.0 + np.exp(-logit))
-    return np.clip(np.round(p / PROB_STEP) * PROB_STEP, PROB_STEP, 1.0 - PROB_STEP)
+    points = np.round(1.0 / (1.0 + np.exp(-logit)) * (1 / PROB_STEP))
+    return np.minimum(np.maximum(points, 1.0, out=points), 1 / PROB_STEP - 1, out=points) * PROB_STEP
 
 
 def _gaussian_bits(std):
