@@ -1,4 +1,5 @@
-"""The network as the coder sees it: float64, one thread, outputs on a fixed grid.
+"""The network as the coder sees it: one thread, the context network on int8 grids (format 5
+on; float64 before), the per-step network in float64, outputs on a fixed grid.
 
 The coding path's network side (with coder.Schedule and coder.kl_bits, which import torch
 when they run); codec.py imports it when a frame needs the model, so that files the model
