@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from .families import family_of, to_vars
-from .layers import Block, rotary_tables, time_features
+from .layers import Block, Gelu, rotary_tables, time_features
 
 
 class ChunkNet(nn.Module):
@@ -27,7 +27,7 @@ class ChunkNet(nn.Module):
         self.symbol_emb = nn.Embedding(cfg.n_symbols, d)
         self.theta_in = nn.Linear(cfg.V, d)
         self.pos_emb = None if cfg.rope else nn.Embedding(cfg.context_len + cfg.chunk_len, d)
-        self.time_mlp = nn.Sequential(nn.Linear(32, d), nn.GELU(), nn.Linear(d, d))
+        self.time_mlp = nn.Sequential(nn.Linear(32, d), Gelu(), nn.Linear(d, d))
         self.blocks = nn.ModuleList(Block(d, cfg.n_heads, cfg.rope) for _ in range(cfg.n_layers))
         self.ln_out = nn.LayerNorm(d)
         self.head = nn.Linear(d, self.family.n_out)

@@ -47,13 +47,6 @@ class IntLinear(nn.Module):
         return y.reshape(x.shape[:-1] + (-1,))
 
 
-class Gelu(nn.Module):
-    """nn.GELU's function, x Phi(x), written out: torch.erf is faster than F.gelu in float64."""
-
-    def forward(self, x):
-        return torch.erf(x * (1 / math.sqrt(2))).add_(1).mul_(x).mul_(0.5)
-
-
 class IntBlock(Block):
     """A context block (layers.Block) whose products run on int8 grids: the same layer
     norms, heads and residual stream; keys and values are kept as int8 rows (held in float32
@@ -64,7 +57,7 @@ class IntBlock(Block):
         self.n_heads, self.rope, self.kv_heads = block.n_heads, block.rope, block.kv_heads
         self.ln1, self.ln2 = block.ln1, block.ln2
         self.qkv, self.proj = IntLinear(block.qkv), IntLinear(block.proj)
-        self.mlp = nn.Sequential(IntLinear(block.mlp[0]), Gelu(), IntLinear(block.mlp[2]))
+        self.mlp = nn.Sequential(IntLinear(block.mlp[0]), block.mlp[1], IntLinear(block.mlp[2]))
 
     @staticmethod
     def cache_rows(k, v):

@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .families import family_of, to_vars, symbol_bits
-from .layers import Block, rotary_tables, time_features
+from .layers import Block, Gelu, rotary_tables, time_features
 
 BOS = 256
 
@@ -56,7 +56,7 @@ class SARNet(nn.Module):
             self.bits_in = nn.Linear(cfg.V, ds)
             self.soft_emb = nn.Linear(2 ** cfg.V, ds, bias=False)
             self.pos_emb = nn.Embedding(cfg.chunk_len, ds)
-            self.time_mlp = nn.Sequential(nn.Linear(32, ds), nn.GELU(), nn.Linear(ds, ds))
+            self.time_mlp = nn.Sequential(nn.Linear(32, ds), Gelu(), nn.Linear(ds, ds))
             self.step_blocks = nn.ModuleList(Block(ds, cfg.step_heads) for _ in range(cfg.step_layers))
             self.prior = nn.Linear(ds, cfg.chunk_len * self.family.n_out)     # the chunk's t = 0 prediction
             nn.init.zeros_(self.prior.weight)
@@ -112,8 +112,11 @@ class SARNet(nn.Module):
              + (state + self.time_mlp(time_features(t.to(z.dtype))))[:, :, None])
         h = h.reshape(B * C, L, -1)
         for block in self.step_blocks:
-            q, k, v = block.heads(h)
-            h = block.finish(h, q, k, v)
+            if L == 1:                  # one-byte chunks: attention returns the byte's value
+                h = block.alone(h)
+            else:
+                q, k, v = block.heads(h)
+                h = block.finish(h, q, k, v)
         rows = L * self.family.n_out                 # the prior of the chunk's L positions
         prior = F.linear(state, self.prior.weight[:rows], self.prior.bias[:rows]).reshape(B, C, L, -1)
         delta = self.head(self.ln_out(h)).reshape(B, C, L, -1) + prior

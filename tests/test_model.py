@@ -255,3 +255,15 @@ def test_the_cache_compacts_correctly_when_calls_are_as_long_as_its_slack(monkey
     for bad in (dict(local_layers=1, local_window=0), dict(local_layers=3, local_window=2)):
         with pytest.raises(ValueError):
             build(dataclasses.replace(SAR, **bad))
+
+
+@pytest.mark.parametrize("kv_heads", [0, 1, 2])
+def test_a_block_alone_is_the_block_over_one_position(kv_heads):
+    """Block.alone (the per-step network's one-byte chunks) computes what heads + finish
+    compute for sequences of one position, with only the value projection."""
+    from bfn_codec.layers import Block
+    torch.manual_seed(0)
+    block = Block(16, 4, kv_heads=kv_heads).double()
+    h = torch.randn(5, 1, 16, dtype=torch.float64)
+    assert torch.allclose(block.alone(h), block.finish(h, *block.heads(h)), rtol=0, atol=1e-12)
+    assert not torch.allclose(block.alone(h), block.finish(h, *block.heads(h[[1, 0, 2, 3, 4]])), atol=1e-3)
