@@ -214,7 +214,7 @@ def load_setup(model_path, steps, bins, chunk_len=None, version=None):
     format version of the file (None: the one written now for this model)."""
     from .predictor import Predictor
     model, fingerprint, _ = _load_model(model_path)
-    version = version or container.version_for(model.cfg.output)
+    version = version or container.version_for(model.cfg)
     return Setup(Predictor(model, chunk_len, integer=version in container.INTEGER_CONTEXT),
                  coder.Schedule(steps, model.cfg.beta1, bins), fingerprint, container.LANES[version])
 
@@ -402,7 +402,7 @@ def compress(data, model_path=None, steps=None, bins=DEFAULT_BINS, frame_size=FR
         with worker_pool(workers, frames.count(None), model_path) as pool:
             model = _load_model(model_path)[0]
             steps, chunk_len = coding_settings(model, level, steps, chunk_len)
-            settings = (model_path, steps, bins, chunk_len, container.version_for(model.cfg.output))
+            settings = (model_path, steps, bins, chunk_len, container.version_for(model.cfg))
             setup = load_setup(*settings)
             if fallback:
                 frames = [f or without_bfn(part, setup.predictor) for f, part in zip(frames, parts)]
@@ -416,7 +416,7 @@ def compress(data, model_path=None, steps=None, bins=DEFAULT_BINS, frame_size=FR
         if any(f.method == Method.BITS_BACK for f in frames):     # else the file needs no model
             cfg = setup.predictor.cfg
             header = container.Header(setup.fingerprint, steps, bins, setup.predictor.chunk_len, cfg.context_len,
-                                      frame_size, len(data), checksum(data), container.version_for(cfg.output))
+                                      frame_size, len(data), checksum(data), container.version_for(cfg))
     elif progress:
         progress(len(data))
     blob = container.pack(header, frames, [checksum(p) for p in parts])
@@ -447,13 +447,13 @@ def decompress(blob, model_path=None, workers=1, progress=None):
 def _decompress_member(header, frames, crcs, model_path, workers, progress):
     if any(f.method == Method.BITS_BACK for f in frames):
         model_path = model_path or DEFAULT_MODEL
-        with worker_pool(workers, len(frames), model_path) as pool:
+        with worker_pool(workers, sum(f.method == Method.BITS_BACK for f in frames), model_path) as pool:
             model, fingerprint, _ = _load_model(model_path)
             if fingerprint != header.model:
                 raise container.FormatError(f"this file needs model {header.model}, but the model given is "
                                             f"{fingerprint} ({model_path}); pass the right one with --model")
             if header.chunk_len not in model.chunk_lens or header.context_len != model.cfg.context_len \
-                    or header.version not in container.READS[model.cfg.output]:
+                    or not container.readable(header.version, model.cfg):
                 raise container.FormatError("corrupted .bfn file (settings differ from the model's)")
             results = run_frames(decode_job, frames, (model_path, header.steps, header.bins, header.chunk_len,
                                                       header.version), pool, progress, size=lambda f: f.raw_len)

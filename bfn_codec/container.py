@@ -61,9 +61,21 @@ LANES = {2: LaneRule(0), 3: LaneRule(2048), 4: LaneRule(2048, 512, 16), 5: LaneR
 NO_MODEL = "0" * 16      # the model field of a file whose frames need none (all stored or xz)
 
 
-def version_for(output):
-    """The format version of files coded with a model of this output family."""
-    return VERSIONS[output]
+INTEGER_DESIGNS = ("sar",)      # designs whose coding-time context runs on int8 grids (exact.py)
+
+
+def version_for(cfg):
+    """The format version of files coded with a model of this config: by its output family;
+    a design without an integer context network writes the newest version that has none."""
+    version = VERSIONS[cfg.output]
+    if version in INTEGER_CONTEXT and cfg.arch not in INTEGER_DESIGNS:
+        version = max(v for v in READS[cfg.output] if v not in INTEGER_CONTEXT)
+    return version
+
+
+def readable(version, cfg):
+    """Whether a model of this config decodes files of this format version."""
+    return version in READS[cfg.output] and (version not in INTEGER_CONTEXT or cfg.arch in INTEGER_DESIGNS)
 _HEAD = struct.Struct("<4sB16sHBHHIQII")
 _FRAME = struct.Struct("<BIIII")
 _CRC = struct.Struct("<I")

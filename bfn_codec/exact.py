@@ -1,19 +1,22 @@
 """The context network at coding time on integer grids (format 5 on): its products are exact,
-so that its states do not depend on the machine, the BLAS or the other lanes of a batch.
+so that its states do not depend on the BLAS, the SIMD width, the thread count or the other
+lanes of a batch.
 
 A float matrix product depends on the order of its sums, and that order depends on the
-machine (SIMD width, BLAS, threads). Here every product of the coding-time context network
-takes integer operands, so that every order gives the same bits:
+machine. Here every product of the coding-time context network takes integer operands and
+runs in float32 where every partial sum is an integer below 2^24 (float64 otherwise, exact
+below 2^53), so that every order gives the same bits:
 - a linear layer's input rows are scaled to [-127, 127] and rounded (`int8_rows`), its
-  weights once per output channel; torch._int_mm sums the products in int32;
-- attention: queries and keys as int8 rows (their products summed over a head: below 2^24,
-  exact in float32); the softmax weights, times each value row's scale over the largest,
-  rounded to multiples of 2^-16, times the int8 values (sums below 127 (2^16 + S), exact in
-  float32 for windows S up to 2^16).
+  weights once per output channel: sums of k products below 127^2 k, float32 for k <= 1040;
+- attention: queries and keys as int8 rows (sums over a head of 64 products: below 2^20);
+  the softmax weights, times each value row's scale over the largest, rounded to multiples
+  of 2^-16, times the int8 values (sums below 127 (2^16 + S), for windows S up to 2^16).
+(No int8 GEMM kernel: oneDNN's s8s8 GEMM saturates on CPUs without AVX-512 VNNI.)
 What stays float64 is elementwise or a short reduction (layer norm, softmax, GELU, rotary,
-the scales): a last-bit difference there moves a value across a rounding boundary about
-once in 10^14 values. The rounding costs the shipped model 0.0003 bits per byte on the
-validation slice (docs/speed.md). Training and evaluation never use this module.
+the scales): a last-bit difference there moves a value across a rounding boundary of the
+int8 grids about once in 10^14 values, of the attention weights' grid once in 10^11. The
+rounding costs the shipped model 0.0003 bits per byte on the validation slice
+(docs/speed.md). Training and evaluation never use this module.
 """
 import math
 
@@ -31,19 +34,25 @@ def int8_rows(x):
     return (x / scale).round_(), scale
 
 
+def exact_dtype(products, bound):
+    """The float type in which sums of `products` integers of at most `bound` are exact."""
+    return torch.float32 if products * bound < 2 ** 24 else torch.float64
+
+
 class IntLinear(nn.Module):
     """An nn.Linear with int8 weights (one scale per output channel) and int8 input rows."""
 
     def __init__(self, linear):
         super().__init__()
         weight, scale = int8_rows(linear.weight.detach().double())
-        self.register_buffer("weight_t", weight.to(torch.int8).t().contiguous())        # (in, out)
+        self.dtype = exact_dtype(weight.shape[1], 127 * 127)
+        self.register_buffer("weight_t", weight.t().contiguous().to(self.dtype))        # (in, out)
         self.register_buffer("weight_scale", scale[:, 0])
         self.register_buffer("bias", linear.bias.detach().double())
 
     def forward(self, x):
         rows, scale = int8_rows(x.reshape(-1, x.shape[-1]))
-        y = torch._int_mm(rows.to(torch.int8), self.weight_t).double().mul_(scale).mul_(self.weight_scale).add_(self.bias)
+        y = (rows.to(self.dtype) @ self.weight_t).double().mul_(scale).mul_(self.weight_scale).add_(self.bias)
         return y.reshape(x.shape[:-1] + (-1,))
 
 
@@ -75,6 +84,9 @@ class IntBlock(Block):
         mask (T, S) or None (all keys)."""
         (kq, ks), (vq, vs) = k, v
         B, H, T, hd = q.shape
+        if causal or hd > 1040 or kq.shape[2] > 2 ** 16:      # the bounds of exact float32 sums
+            raise ValueError("the integer attention takes a mask, not a causal flag, heads of at most "
+                             "1040 channels and windows of at most 2^16 tokens")
         group = H // self.kv_heads
         qq, qs = int8_rows(q.reshape(B, self.kv_heads, group * T, hd))     # query head h reads kv head h // group
         logits = (qq.float() @ kq.transpose(-1, -2)).double().mul_(qs.mul_(1 / math.sqrt(hd))).mul_(ks.transpose(-1, -2))

@@ -38,7 +38,7 @@ class Gelu(nn.Module):
     def forward(self, x):
         if x.dtype != torch.float64:
             return F.gelu(x)
-        return torch.erf(x * (1 / math.sqrt(2))).add_(1).mul_(x).mul_(0.5)
+        return torch.erf(x * math.sqrt(0.5)).add_(1).mul_(x).mul_(0.5)
 
 
 class Block(nn.Module):

@@ -216,7 +216,7 @@ def crafted_huge_frame(model_path):
     model, fingerprint, _ = load_weights(model_path)
     size = container.MAX_FRAME_SIZE
     header = container.Header(fingerprint, 10, 4, codec.default_chunk_len(model), model.cfg.context_len, size, size,
-                              0, container.version_for(model.cfg.output))
+                              0, container.version_for(model.cfg))
     return container.pack(header, [container.Frame(container.Method.BITS_BACK, size, 0, bytes(range(256)) * 2)], [0])
 
 

@@ -83,3 +83,63 @@ def test_last_bit_changes_before_the_int8_grids_do_not_change_the_stream(monkeyp
     for change, same in [(1e-12, True), (1e-2, False)]:
         monkeypatch.setattr(F, "layer_norm", lambda *a, change=change, **k: perturbed(*a, change=change, **k))
         assert (codec.compress(data, str(tiny_sar), fallback=False)[0] == reference) == same and calls
+
+
+def test_integer_attention_groups_query_heads_as_the_float_attention_does():
+    """4 query heads over 2 key/value heads, with a mask: the integer attention is close to
+    F.scaled_dot_product_attention(enable_gqa=True); pairing the heads differently is not."""
+    import torch.nn.functional as F
+    from bfn_codec.exact import IntBlock
+    from bfn_codec.layers import Block
+    torch.manual_seed(0)
+    block = IntBlock(Block(32, 4, kv_heads=2).double())
+    q = torch.randn(3, 4, 2, 8, dtype=torch.float64)
+    k, v = torch.randn(2, 3, 2, 5, 8, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    exact = block.attend(q, *block.from_cache(*block.cache_rows(k, v)), mask)
+    scale = exact.abs().max().item()
+    assert (exact - F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)).abs().max() < 0.03 * scale
+    swapped = F.scaled_dot_product_attention(q, k.flip(1), v.flip(1), attn_mask=mask, enable_gqa=True)
+    assert (exact - swapped).abs().max() > 0.1 * scale
+    with pytest.raises(ValueError):
+        block.attend(q, *block.from_cache(*block.cache_rows(k, v)), causal=True)
+
+
+def test_a_chunk_design_with_byte_outputs_codes_in_float64(tmp_path):
+    """Only designs with an integer context network write format 5: a `chunk` model with the
+    joint byte output writes format 4, and a format 5 header naming it is refused."""
+    from bfn_codec import codec
+    from bfn_codec.model import ModelConfig, build, save_weights
+    cfg = ModelConfig(output="bytes", d_model=16, n_layers=1, n_heads=2, chunk_len=8, context_len=16)
+    torch.manual_seed(0)
+    path = tmp_path / "chunk_bytes.pt"
+    save_weights(path, build(cfg))
+    data = b"a chunk design with byte outputs " * 20
+    blob = codec.compress(data, str(path), fallback=False)[0]
+    header, frames, crcs = container.unpack(blob)
+    assert header.version == 4 and codec.decompress(blob, str(path)) == data
+    relabelled = container.pack(dataclasses.replace(header, version=5), frames, crcs)
+    with pytest.raises(container.FormatError):
+        codec.decompress(relabelled, str(path))
+
+
+@pytest.mark.parametrize("capability", ["default", "avx2"])
+def test_stored_streams_decode_with_other_kernels(capability):
+    """The committed streams of every joint-byte format decode in a process whose torch kernels,
+    BLAS and oneDNN are held to another instruction set (scalar or AVX2: other reduction
+    orders, other exp and erf code): what another machine would run."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    data = Path(__file__).parent / "data"
+    script = ("import sys, pathlib\nfrom bfn_codec import codec\nd = pathlib.Path(sys.argv[1])\n"
+              "original = (d / 'compat_sar.bin').read_bytes()\n"
+              "for p in sorted(d.glob('compat_sar.v*.bfn')):\n"
+              "    assert codec.decompress(p.read_bytes(), str(d / 'compat_sar_model.pt')) == original, p\n"
+              "import torch; print(torch.backends.cpu.get_cpu_capability())\n")
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability, MKL_ENABLE_INSTRUCTIONS="AVX2",
+               ONEDNN_MAX_CPU_ISA="AVX2")
+    r = subprocess.run([sys.executable, "-c", script, str(data)], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split()[-1].lower() == ("default" if capability == "default" else "avx2")
