@@ -1,14 +1,16 @@
 """Where coding time goes, per model: context network, per-step network, coder, other;
 and what a user gets: the commands' speed on whole files.
 
-    python -m benchmarks.coding_speed bfn_codec/weights/default.pt runs/X/ckpt.pt --kb 32 --steps 10
+    python -m benchmarks.coding_speed bfn_codec/weights/default.pt runs/X/ckpt.pt --kb 76 --steps 10
+    python -m benchmarks.coding_speed bfn_codec/weights/default.pt --formats 4,5
     python -m benchmarks.coding_speed --files ../shared/data/bench/canterbury/alice29.txt --valid-kb 100
 
-Compresses and decompresses the first KB of the validation books (one frame, in this
-process, one thread, bits-back forced), checks the round trip, and prints KB/s each way
-with the milliseconds per KB spent in the context network (`advance` and `prepare`: once per
-stripe),
-the per-step network (`forward`: n + 1 calls per chunk) and the rest (the coder, chunking).
+Codes KB of the validation books as one frame (in this process, one thread, bits-back
+forced; 76 KB: the 38 lanes of each of alice29.txt's two frames) in each format version
+asked for (default: the one written now; 4 runs the context network in float64, 5 on int8
+grids), checks the round trip, and prints KB/s each way with the milliseconds per KB spent
+in the context network (`advance` and `prepare`: once per stripe), the per-step network
+(`forward`: n + 1 calls per chunk) and the rest (the coder, chunking).
 """
 import argparse
 import time
@@ -40,10 +42,10 @@ def timed(obj, name, into):
         setattr(obj, name, original)
 
 
-def measure(path, kb, steps, offset=200_000):
+def measure(path, kb, steps, version=None, offset=200_000):
     torch.set_num_threads(1)
     data = read_text(Path(DATA) / "valid.txt.xz", offset + kb * 1024)[offset:].tobytes()
-    setup = codec.load_setup(path, steps, codec.DEFAULT_BINS)
+    setup = codec.load_setup(path, steps, codec.DEFAULT_BINS, None, version)
     model = setup.predictor.model
     context_class = type(model.coding_context())
     rows = {}
@@ -53,12 +55,13 @@ def measure(path, kb, steps, offset=200_000):
                 timed(type(model), "forward", spent):
             t0 = time.perf_counter()
             if direction == "compress":
-                blob, stats = codec.compress(data, path, steps, frame_size=len(data), fallback=False)
+                frame = codec.encode_frame(data, setup.predictor, setup.schedule, setup.lane_rule, fallback=False)
             else:
-                assert codec.decompress(blob, path) == data
+                assert codec.decode_frame(frame, setup.predictor, setup.schedule, setup.lane_rule) == data
             total = time.perf_counter() - t0
         rows[direction] = (total, spent)
-    return setup.fingerprint, model.num_params(), 8 * len(blob) / len(data), rows
+    lanes = len(codec.lanes(len(data), setup.predictor.chunk_len, setup.lane_rule))
+    return setup.fingerprint, model.num_params(), lanes, 8 * len(frame.payload) / len(data), rows
 
 
 def end_to_end(paths, workers=(1, 2)):
@@ -106,22 +109,26 @@ def main():
     ap.add_argument("models", nargs="*")
     ap.add_argument("--files", nargs="*", default=[], help="end to end: the commands on these files")
     ap.add_argument("--valid-kb", type=int, default=0, help="end to end: also this many KB of validation text")
-    ap.add_argument("--kb", type=int, default=32)
+    ap.add_argument("--kb", type=int, default=76)
+    ap.add_argument("--formats", default="", help="format versions to code in (default: the one written now)")
     ap.add_argument("--steps", type=int, default=None, help="n (default: each model's own)")
     args = ap.parse_args()
     if args.files or args.valid_kb:
         end_to_end(args.files + ([valid_text(args.valid_kb)] if args.valid_kb else []))
         if not args.models:
             return
-    print("| model | params | bits/byte | direction | KB/s | context ms/KB | per-step ms/KB | coder+other ms/KB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | params | format | lanes | bits/byte | direction | KB/s | context ms/KB | per-step ms/KB "
+          "| coder+other ms/KB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for path in args.models:
-        fp, params, bpb, rows = measure(path, args.kb, args.steps or codec.default_steps(load_weights(path)[0]))
-        for direction, (total, spent) in rows.items():
-            ctx, step = spent.get("advance", 0.0) + spent.get("prepare", 0.0), spent.get("forward", 0.0)
-            print(f"| {Path(path).name} ({fp}) | {params:,} | {bpb:.3f} | {direction} | {args.kb / total:.2f} | "
-                  f"{1000 * ctx / args.kb:.0f} | {1000 * step / args.kb:.0f} | "
-                  f"{1000 * (total - ctx - step) / args.kb:.0f} |")
+        for version in [int(v) for v in args.formats.split(",") if v] or [None]:
+            steps = args.steps or codec.default_steps(load_weights(path)[0])
+            fp, params, lanes, bpb, rows = measure(path, args.kb, steps, version)
+            for direction, (total, spent) in rows.items():
+                ctx, step = spent.get("advance", 0.0) + spent.get("prepare", 0.0), spent.get("forward", 0.0)
+                print(f"| {Path(path).name} ({fp}) | {params:,} | {version or 'now'} | {lanes} | {bpb:.3f} | "
+                      f"{direction} | {args.kb / total:.2f} | {1000 * ctx / args.kb:.0f} | "
+                      f"{1000 * step / args.kb:.0f} | {1000 * (total - ctx - step) / args.kb:.0f} |")
 
 
 if __name__ == "__main__":
