@@ -15,20 +15,21 @@ def time_features(t):
 
 
 def rotary_tables(pos, head_dim, dtype):
-    """cos and sin of the rotary angles (RoPE) for positions pos, in float64 for float64
-    networks and float32 otherwise: computed once per forward, cast to q/k's dtype in rotary."""
+    """cos and sin of the rotary angles (RoPE) for positions pos, over the whole head (the
+    sines of the first half negated), in float64 for float64 networks and float32 otherwise:
+    computed once per forward, cast to q/k's dtype in rotary."""
     wide = torch.float64 if dtype == torch.float64 else torch.float32
     half = head_dim // 2
     angle = pos.to(wide)[:, None] * 10000.0 ** (-torch.arange(half, dtype=wide, device=pos.device) / half)
-    return angle.cos(), angle.sin()
+    cos, sin = angle.cos(), angle.sin()
+    return torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1)
 
 
 def rotary(x, tables):
-    """Rotate query/key channel pairs by angles proportional to the position."""
+    """Rotate query/key channel pairs (x1, x2) = (first half, second half) by angles
+    proportional to the position: (x1 cos - x2 sin, x2 cos + x1 sin)."""
     cos, sin = (table.to(x.dtype) for table in tables)
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1)
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 
 
 class Gelu(nn.Module):
