@@ -4,7 +4,7 @@
 
 Prints a Markdown table of validation bits per byte (continuous-time, and n-step +
 reconstruction for several n) on the training code's validation slice, and writes
-`steps.png` (those losses against n) and `flow.png`: for one sentence, the receiver's belief in each byte along one sender
+`model_card_steps.png` (those losses against n) and `model_card_flow.png`: for one sentence, the receiver's belief in each byte along one sender
 trajectory (the chain the coder transmits), step by step. `--texts FILE...` adds the
 loss on the first 64 KB of each file (the offset of, say, the Canterbury
 texts from the validation books), at the model's coding n.
@@ -121,10 +121,10 @@ def main():
     model, fp, _ = load_weights(args.model)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    plot_flow(model, args.flow_steps, out / "flow.png")
+    plot_flow(model, args.flow_steps, out / "model_card_flow.png")
     steps = [int(s) for s in args.steps.split(",")]
     res = validation(model, steps)
-    plot_steps(res, steps, out / "steps.png")
+    plot_steps(res, steps, out / "model_card_steps.png")
     print(f"model {fp}: {model.num_params():,} parameters\n")
     print("| n | n-step loss | reconstruction | total |\n|---|---|---|---|")
     for n in steps:
