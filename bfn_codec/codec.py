@@ -402,7 +402,8 @@ def compress(data, model_path=None, steps=None, bins=DEFAULT_BINS, frame_size=FR
         with worker_pool(workers, frames.count(None), model_path) as pool:
             model = _load_model(model_path)[0]
             steps, chunk_len = coding_settings(model, level, steps, chunk_len)
-            settings = (model_path, steps, bins, chunk_len, container.version_for(model.cfg))
+            version = container.version_for(model.cfg)
+            settings = (model_path, steps, bins, chunk_len, version)
             setup = load_setup(*settings)
             if fallback:
                 frames = [f or without_bfn(part, setup.predictor) for f, part in zip(frames, parts)]
@@ -416,7 +417,7 @@ def compress(data, model_path=None, steps=None, bins=DEFAULT_BINS, frame_size=FR
         if any(f.method == Method.BITS_BACK for f in frames):     # else the file needs no model
             cfg = setup.predictor.cfg
             header = container.Header(setup.fingerprint, steps, bins, setup.predictor.chunk_len, cfg.context_len,
-                                      frame_size, len(data), checksum(data), container.version_for(cfg))
+                                      frame_size, len(data), checksum(data), version)
     elif progress:
         progress(len(data))
     blob = container.pack(header, frames, [checksum(p) for p in parts])

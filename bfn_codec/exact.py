@@ -64,6 +64,8 @@ class IntBlock(Block):
     def __init__(self, block):
         nn.Module.__init__(self)
         self.n_heads, self.rope, self.kv_heads = block.n_heads, block.rope, block.kv_heads
+        if exact_dtype(block.qkv.in_features // block.n_heads, 127 * 127) != torch.float32:
+            raise ValueError("the integer attention takes heads of at most 1040 channels")
         self.ln1, self.ln2 = block.ln1, block.ln2
         self.qkv, self.proj = IntLinear(block.qkv), IntLinear(block.proj)
         self.mlp = nn.Sequential(IntLinear(block.mlp[0]), block.mlp[1], IntLinear(block.mlp[2]))
@@ -84,9 +86,9 @@ class IntBlock(Block):
         mask (T, S) or None (all keys)."""
         (kq, ks), (vq, vs) = k, v
         B, H, T, hd = q.shape
-        if causal or hd > 1040 or kq.shape[2] > 2 ** 16:      # the bounds of exact float32 sums
-            raise ValueError("the integer attention takes a mask, not a causal flag, heads of at most "
-                             "1040 channels and windows of at most 2^16 tokens")
+        if causal or kq.shape[2] > 2 ** 16:      # weights times values: exact float32 sums up to 2^16 keys
+            raise ValueError("the integer attention takes a mask, not a causal flag, and windows of at "
+                             "most 2^16 tokens")
         group = H // self.kv_heads
         qq, qs = int8_rows(q.reshape(B, self.kv_heads, group * T, hd))     # query head h reads kv head h // group
         logits = (qq.float() @ kq.transpose(-1, -2)).double().mul_(qs.mul_(1 / math.sqrt(hd))).mul_(ks.transpose(-1, -2))
