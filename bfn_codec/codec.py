@@ -215,7 +215,7 @@ def load_setup(model_path, steps, bins, chunk_len=None, version=None):
     from .predictor import Predictor
     model, fingerprint, _ = _load_model(model_path)
     version = version or container.version_for(model.cfg)
-    return Setup(Predictor(model, chunk_len, integer=version in container.INTEGER_CONTEXT),
+    return Setup(Predictor(model, chunk_len, version),
                  coder.Schedule(steps, model.cfg.beta1, bins), fingerprint, container.LANES[version])
 
 

@@ -24,6 +24,7 @@ network's output *after* `quantise_logit`, computed the same way on both sides. 
 lives on the integer grid s_i = S_i * grid_i; probabilities are rounded to 2^-20.
 """
 import dataclasses
+import functools
 import math
 
 import numpy as np
@@ -231,9 +232,56 @@ def pop_receiver(coder, sch, i, s_prev, logit):
     return S_i
 
 
-# ---- output families at coding time: the component log-odds of every coordinate ----
+# ---- output families at coding time: each codes a chunk's symbols and steps as push/pop pairs ----
 
-class Bits:
+class Chain:
+    """Families whose variables are coded a group of coordinates at a time, each coordinate's
+    component log-odds conditional on the groups before it (the chain rule). A family gives
+    `groups(D)`, `start(out)`, `logit(state, g)`, `observe(state, g, evidence)` and
+    `fix(state, g, bits)`."""
+
+    def _chain(self, out, groups, values, update):
+        """The conditional log-odds of every group, given the groups before it (encoder side)."""
+        state, logits = self.start(out), []
+        for g in groups:
+            logits.append(self.logit(state, g))
+            state = update(state, g, values[g])
+        return logits
+
+    def push_symbols(self, coder, out, x):
+        """Push the bits x (D,) under the output distribution `out`; -> their code length in bits."""
+        groups = self.groups(len(x))
+        logits = self._chain(out, groups, x, self.fix)
+        for g, logit in reversed(list(zip(groups, logits))):
+            push_bits(coder, x[g], prob_of_one(logit))
+        return sum(nll_bits(logit, x[g]) for g, logit in zip(groups, logits))
+
+    def pop_symbols(self, coder, out, D):
+        state, x = self.start(out), np.zeros(D, dtype=np.int64)
+        for g in self.groups(D):
+            x[g] = pop_bits(coder, prob_of_one(self.logit(state, g)))
+            state = self.fix(state, g, x[g])
+        return x
+
+    def push_step(self, coder, sch, i, S_i, s_prev, out):
+        """Push S_i under step i's receiver given s_{i-1}, a group of coordinates at a time;
+        -> what `step_bits` needs (the conditional log-odds used, the evidence u = s_i - s_{i-1})."""
+        groups = self.groups(len(S_i))
+        u = S_i * sch.grid[i] - s_prev
+        logits = self._chain(out, groups, u, self.observe)
+        for g, logit in reversed(list(zip(groups, logits))):
+            push_receiver(coder, sch, i, S_i[g], s_prev[g], logit)
+        return logits, groups, u
+
+    def pop_step(self, coder, sch, i, s_prev, out):
+        state, S_i = self.start(out), np.zeros(len(s_prev), dtype=np.int64)
+        for g in self.groups(len(s_prev)):
+            S_i[g] = pop_receiver(coder, sch, i, s_prev[g], self.logit(state, g))
+            state = self.observe(state, g, S_i[g] * sch.grid[i] - s_prev[g])
+        return S_i
+
+
+class Bits(Chain):
     """families.Bits: independent bits; the network gives every coordinate's log-odds."""
     name = "bits"
 
@@ -256,13 +304,15 @@ class Bits:
 
     fix = observe
 
-    def step_bits(self, logits, groups, x, u, acc):
+    def step_bits(self, trace, x, acc):
         """The step's expected code length given its receiver (quadrature over the sender)."""
+        logits, groups, u = trace
         return kl_bits(logits[0], x, acc)
 
 
-class Bytes:
-    """families.Bytes: one joint 256-way output per byte, coded coordinate by coordinate.
+class Bytes(Chain):
+    """families.Bytes (formats 3 to 5): one joint 256-way output per byte, coded coordinate
+    by coordinate.
 
     Group d holds coordinate d of every byte. The state is the joint's log-weights (N, 256),
     updated by each coded coordinate: by its evidence u b_d at a receiver step (the
@@ -297,15 +347,103 @@ class Bytes:
     def fix(self, state, g, bits):
         return np.where(self.TABLE[:, g.start][None, :] == (bits[:, None] == 1), state, -np.inf)
 
-    def step_bits(self, logits, groups, x, u, acc):
+    def step_bits(self, trace, x, acc):
         """The step's code length on this trajectory: log q(u | x) - log p_R(u), coordinate by
         coordinate, -log(w + (1 - w) e^{-u c}) with w the receiver's weight of the true sign c."""
+        logits, groups, u = trace
         total = 0.0
         for g, logit in zip(groups, logits):
             c = 2 * x[g] - 1
             total += float(-np.logaddexp(-np.logaddexp(0.0, -c * logit),
                                          -np.logaddexp(0.0, c * logit) - u[g] * c).sum())
         return total / math.log(2)
+
+
+class JointBytes:
+    """families.Bytes (format 6 on): each byte one 256-way symbol, at the output and at every
+    receiver step.
+
+    A receiver step is bits-back over the byte b that picks the mixture component (sec. 6.7):
+    the encoder pops b from its posterior q(b | s_i, s_{i-1}), pushes s_i's 8 coordinates
+    under component b, and pushes b under the weights w; the decoder runs the reverse. The
+    posterior's log-weights are log w_b + sum_d u_d b_d with u = s_i - s_{i-1} (the likelihood
+    ratio of the components). Exact arithmetic: log-weights are integers in units of
+    2^-10 (the network's on its 1/64 grid, each u_d rounded), so that every sum is exact;
+    `pmf` turns them into integer weights through a table of exp(-j 2^-10) built by integer
+    arithmetic, and constriction's Categorical takes those. No float function whose last
+    bit may differ between machines is on the path. Three coder calls per step, where the
+    chain rule (`Bytes`) makes 32."""
+    name = "bytes"
+    GRID = 1024.0                                 # log-weights in units of 1 / GRID
+    TABLE = Bytes.TABLE.astype(np.float64)        # (256, 8): the bits of every byte value
+    _CATEGORICAL = _model.Categorical(perfect=False)
+
+    from_network = staticmethod(Bytes.from_network)
+
+    @staticmethod
+    @functools.lru_cache(maxsize=1)
+    def exp_table():
+        """round(2^30 exp(-j / GRID)) for j < 20 GRID (beyond, every weight is below constriction's
+        one-tick floor), by a 62-bit fixed-point recurrence whose ratio comes from `decimal`
+        (correctly rounded): the same integers on every machine."""
+        import decimal
+        with decimal.localcontext(decimal.Context(prec=40)):
+            ratio = int(((decimal.Decimal(-1) / int(JointBytes.GRID)).exp() * 2 ** 62).to_integral_value())
+        table, w = [], 1 << 62
+        for _ in range(20 * int(JointBytes.GRID)):
+            table.append((w + (1 << 31)) >> 32)
+            w = (w * ratio + (1 << 61)) >> 62
+        return np.array(table, dtype=np.float64)
+
+    def pmf(self, points):
+        """Integer log-weights (N, 256) -> rows of integer weights for constriction (the largest 2^30)."""
+        table = self.exp_table()
+        j = points.max(1, keepdims=True) - points
+        return table[np.minimum(j, len(table) - 1, out=j).astype(np.intp)]
+
+    def points(self, out, u=None):
+        """The log-weights (N, 256) in units of 1 / GRID: the network's, plus the evidence of u (D,) if given."""
+        points = out * self.GRID                              # exact: out is on the 1/64 grid
+        if u is not None:
+            points += np.round(u * self.GRID).reshape(len(out), 8) @ self.TABLE.T    # integer sums: exact
+        return points
+
+    def push_symbols(self, coder, out, x):
+        symbols = bits_to_bytes(x).astype(np.int32)
+        coder.encode_reverse(symbols, self._CATEGORICAL, self.pmf(self.points(out)))
+        log_w = out - _logsumexp_rows(out)
+        return float(-log_w[np.arange(len(out)), symbols].sum() / math.log(2))
+
+    def pop_symbols(self, coder, out, D):
+        return bytes_to_bits(coder.decode(self._CATEGORICAL, self.pmf(self.points(out))).astype(np.uint8))
+
+    def push_step(self, coder, sch, i, S_i, s_prev, out):
+        b = coder.decode(self._CATEGORICAL, self.pmf(self.points(out, S_i * sch.grid[i] - s_prev)))
+        mean, std = _component_params(sch, i, s_prev, bytes_to_bits(b.astype(np.uint8)))
+        push_gaussian(coder, S_i, mean, std, int(sch.push_range[i]))
+        coder.encode_reverse(b, self._CATEGORICAL, self.pmf(self.points(out)))
+        return out, S_i * sch.grid[i] - s_prev
+
+    def pop_step(self, coder, sch, i, s_prev, out):
+        b = coder.decode(self._CATEGORICAL, self.pmf(self.points(out)))
+        mean, std = _component_params(sch, i, s_prev, bytes_to_bits(b.astype(np.uint8)))
+        S_i = pop_gaussian(coder, mean, std, int(sch.push_range[i]))
+        coder.encode_reverse(b, self._CATEGORICAL, self.pmf(self.points(out, S_i * sch.grid[i] - s_prev)))
+        return S_i
+
+    def step_bits(self, trace, x, acc):
+        """The step's code length on this trajectory: log q(u | x) - log p_R(u) =
+        -log sum_b w_b exp(E_b - E_x), E_b = sum_d u_d b_d."""
+        out, u = trace
+        evidence = u.reshape(len(out), 8) @ self.TABLE.T
+        true = evidence[np.arange(len(out)), bits_to_bytes(x)]
+        return float(-(_logsumexp_rows(out + evidence)[:, 0] - _logsumexp_rows(out)[:, 0] - true).sum()
+                     / math.log(2))
+
+
+def _logsumexp_rows(a):
+    top = a.max(1, keepdims=True)
+    return top + np.log(np.exp(a - top).sum(1, keepdims=True))
 
 
 FAMILIES = {"bits": Bits, "bytes": Bytes}
@@ -350,65 +488,20 @@ def kl_bits(logit, x, acc):
     return float(kl.double().sum()) / math.log(2)
 
 
-def _chain(family, out, groups, values, update):
-    """The conditional log-odds of every group, given the groups before it (encoder side)."""
-    state, logits = family.start(out), []
-    for g in groups:
-        logits.append(family.logit(state, g))
-        state = update(state, g, values[g])
-    return logits
-
-
-def push_symbols(coder, family, out, x):
-    """Push the bits x (D,) under the family's output distribution `out`; -> their code length."""
-    groups = family.groups(len(x))
-    logits = _chain(family, out, groups, x, family.fix)
-    for g, logit in reversed(list(zip(groups, logits))):
-        push_bits(coder, x[g], prob_of_one(logit))
-    return sum(nll_bits(logit, x[g]) for g, logit in zip(groups, logits))
-
-
-def pop_symbols(coder, family, out, D):
-    state, x = family.start(out), np.zeros(D, dtype=np.int64)
-    for g in family.groups(D):
-        x[g] = pop_bits(coder, prob_of_one(family.logit(state, g)))
-        state = family.fix(state, g, x[g])
-    return x
-
-
-def push_step(coder, family, sch, i, S_i, s_prev, out):
-    """Push S_i under step i's receiver given s_{i-1}, a group of coordinates at a time;
-    -> the conditional log-odds used, the evidence u = s_i - s_{i-1}."""
-    groups = family.groups(len(S_i))
-    u = S_i * sch.grid[i] - s_prev
-    logits = _chain(family, out, groups, u, family.observe)
-    for g, logit in reversed(list(zip(groups, logits))):
-        push_receiver(coder, sch, i, S_i[g], s_prev[g], logit)
-    return logits, groups, u
-
-
-def pop_step(coder, family, sch, i, s_prev, out):
-    state, S_i = family.start(out), np.zeros(len(s_prev), dtype=np.int64)
-    for g in family.groups(len(s_prev)):
-        S_i[g] = pop_receiver(coder, sch, i, s_prev[g], family.logit(state, g))
-        state = family.observe(state, g, S_i[g] * sch.grid[i] - s_prev[g])
-    return S_i
-
-
 def encode_chunk(coder, sch, family, x, predict, key, stats=None):
     """Push the binary variables x (D,) onto the stack. predict(s, t) -> the family's
     quantised output; key: the chunk's number, which seeds the whitening before each step's pops."""
     n = sch.n
     _whiten_step(coder, sch, key, n + 1, len(x))
     S = pop_top(coder, sch, x)
-    bits = push_symbols(coder, family, predict(S * sch.grid[n], 1.0), x)
+    bits = family.push_symbols(coder, predict(S * sch.grid[n], 1.0), x)
     for i in range(n, 0, -1):
         _whiten_step(coder, sch, key, i, len(x))
         S_prev = pop_bridge(coder, sch, i, S) if i > 1 else np.zeros_like(S)
         s_prev = S_prev * sch.grid[i - 1] if i > 1 else np.zeros(len(S))
-        logits, groups, u = push_step(coder, family, sch, i, S, s_prev, predict(s_prev, sch.t(i - 1)))
+        trace = family.push_step(coder, sch, i, S, s_prev, predict(s_prev, sch.t(i - 1)))
         if stats is not None:
-            bits += family.step_bits(logits, groups, x, u, sch.alpha[i])
+            bits += family.step_bits(trace, x, sch.alpha[i])
         S = S_prev
     if stats is not None:
         stats.model_bits += bits
@@ -419,12 +512,12 @@ def decode_chunk(coder, sch, family, D, predict, key):
     n = sch.n
     S_prev, s_prev = None, np.zeros(D)
     for i in range(1, n + 1):
-        S = pop_step(coder, family, sch, i, s_prev, predict(s_prev, sch.t(i - 1)))
+        S = family.pop_step(coder, sch, i, s_prev, predict(s_prev, sch.t(i - 1)))
         if i > 1:
             push_bridge(coder, sch, i, S_prev, S)
         _whiten_step(coder, sch, key, i, D)
         S_prev, s_prev = S, S * sch.grid[i]
-    x = pop_symbols(coder, family, predict(s_prev, 1.0), D)
+    x = family.pop_symbols(coder, predict(s_prev, 1.0), D)
     push_top(coder, sch, S_prev, x)
     _whiten_step(coder, sch, key, n + 1, D)
     return x
@@ -432,11 +525,11 @@ def decode_chunk(coder, sch, family, D, predict, key):
 
 def encode_direct(coder, family, x, predict, stats=None):
     """Push x (D,) under the network's t = 0 prediction from context alone: no bits-back."""
-    bits = push_symbols(coder, family, predict(np.zeros(len(x)), 0.0), x)
+    bits = family.push_symbols(coder, predict(np.zeros(len(x)), 0.0), x)
     if stats is not None:
         stats.direct_bits += bits
         stats.direct_bytes += len(x) // 8
 
 
 def decode_direct(coder, family, D, predict):
-    return pop_symbols(coder, family, predict(np.zeros(D), 0.0), D)
+    return family.pop_symbols(coder, predict(np.zeros(D), 0.0), D)

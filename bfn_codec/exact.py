@@ -52,7 +52,7 @@ class IntLinear(nn.Module):
 
     def forward(self, x):
         rows, scale = int8_rows(x.reshape(-1, x.shape[-1]))
-        y = (rows.to(self.dtype) @ self.weight_t).double().mul_(scale).mul_(self.weight_scale).add_(self.bias)
+        y = torch.mul(rows.to(self.dtype) @ self.weight_t, scale).mul_(self.weight_scale).add_(self.bias)    # float64
         return y.reshape(x.shape[:-1] + (-1,))
 
 
@@ -91,10 +91,10 @@ class IntBlock(Block):
                              "most 2^16 tokens")
         group = H // self.kv_heads
         qq, qs = int8_rows(q.reshape(B, self.kv_heads, group * T, hd))     # query head h reads kv head h // group
-        logits = (qq.float() @ kq.transpose(-1, -2)).double().mul_(qs.mul_(1 / math.sqrt(hd))).mul_(ks.transpose(-1, -2))
+        logits = torch.mul(qq.float() @ kq.transpose(-1, -2), qs.mul_(1 / math.sqrt(hd))).mul_(ks.transpose(-1, -2))
         if mask is not None:
             logits = logits.masked_fill_(~mask.repeat(group, 1), -math.inf)
         top = vs.amax(-2, keepdim=True)                                      # (B, kv_heads, 1, 1)
         weights = logits.softmax(-1).mul_(vs.transpose(-1, -2) / top).mul_(WEIGHT_GRID).round_()
-        out = (weights.float() @ vq).double().mul_(top / WEIGHT_GRID)
+        out = torch.mul(weights.float() @ vq, top / WEIGHT_GRID)
         return out.reshape(B, H, T, hd)

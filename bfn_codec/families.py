@@ -37,16 +37,32 @@ def to_symbols(variables, cfg):
     return (variables.long() * powers).sum(-1)
 
 
-class Bits:
+class Evidence:
+    """What a family knows of the joint symbols: the flow's evidence for each of the 2^V."""
+
+    def table(self, like):
+        if self._table.device != like.device or self._table.dtype != like.dtype:
+            self._table = self._table.to(like.device, like.dtype)
+        return self._table
+
+    def evidence(self, z):
+        """sum_d z_{d, b_d} for every byte value b, up to a constant: (..., V, 2) -> (..., 256)."""
+        u = (z[..., 1] - z[..., 0]).float() if z.dtype != torch.float64 else z[..., 1] - z[..., 0]
+        with torch.autocast(u.device.type, enabled=False):     # large sums: never in bf16
+            return u @ self.table(u).T
+
+
+class Bits(Evidence):
     """V independent binary outputs per byte (the original family)."""
     name = "bits"
 
     def __init__(self, V=8, residual=True):
         self.V, self.residual = V, residual
         self.n_out = V
+        self._table = symbol_bits(V).float()               # (256, V)
 
-    def log_probs(self, z, delta):
-        """z (..., V, 2), delta (..., V) -> log p_O (..., V, 2)."""
+    def log_probs(self, z, delta, evidence=None):
+        """z (..., V, 2), delta (..., V) -> log p_O (..., V, 2) (each bit's own z is its evidence)."""
         delta = torch.stack([torch.zeros_like(delta), delta], -1)
         return (z + delta if self.residual else delta).log_softmax(-1)
 
@@ -71,7 +87,7 @@ class Bits:
         return bfn.reconstruction_loss(log_p, v).sum(-1)
 
 
-class Bytes:
+class Bytes(Evidence):
     """One joint K^V-way output per byte, in residual form over the bits' evidence."""
     name = "bytes"
 
@@ -80,21 +96,12 @@ class Bytes:
         self.n_out = 2 ** V
         self._table = symbol_bits(V).float()               # (256, V)
 
-    def table(self, like):
-        if self._table.device != like.device or self._table.dtype != like.dtype:
-            self._table = self._table.to(like.device, like.dtype)
-        return self._table
-
-    def evidence(self, z):
-        """sum_d z_{d, b_d} for every byte value b, up to a constant: (..., V, 2) -> (..., 256)."""
-        u = (z[..., 1] - z[..., 0]).float() if z.dtype != torch.float64 else z[..., 1] - z[..., 0]
-        with torch.autocast(u.device.type, enabled=False):     # large sums: never in bf16
-            return u @ self.table(u).T
-
-    def log_probs(self, z, delta):
-        """z (..., V, 2), delta (..., 256) -> log p_O (..., 256)."""
+    def log_probs(self, z, delta, evidence=None):
+        """z (..., V, 2), delta (..., 256) -> log p_O (..., 256); evidence: `evidence(z)` where the caller has it."""
         delta = delta.to(torch.float64 if z.dtype == torch.float64 else torch.float32)
-        return (self.evidence(z) + delta if self.residual else delta).log_softmax(-1)
+        if not self.residual:
+            return delta.log_softmax(-1)
+        return ((self.evidence(z) if evidence is None else evidence) + delta).log_softmax(-1)
 
     def byte_log_probs(self, log_p):
         return log_p

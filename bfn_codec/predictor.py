@@ -1,5 +1,6 @@
 """The network as the coder sees it: one thread, the context network on int8 grids (format 5
-on; float64 before), the per-step network in float64, outputs on a fixed grid.
+on; float64 before), the per-step network in float64, outputs on a fixed grid, and the
+coder's family for the file's format (coder.JointBytes from format 6 on).
 
 The coding path's network side (with coder.Schedule and coder.kl_bits, which import torch
 when they run); codec.py imports it when a frame needs the model, so that files the model
@@ -10,7 +11,7 @@ import math
 import numpy as np
 import torch
 
-from . import coder
+from . import coder, container
 from .codec import default_chunk_len
 from .container import FormatError
 
@@ -25,17 +26,18 @@ class Predictor:
     PROBE_SEQUENCES = 2    # training-length sequences of a frame whose t = 0 code length is measured
     PROBE_RATIO = {True: 0.9, False: 0.5}     # share of it the transmission pays: L = 1, L > 1
 
-    def __init__(self, model, chunk_len=None, integer=False):
+    def __init__(self, model, chunk_len=None, version=None):
         torch.set_num_threads(1)           # the same arithmetic in every process
         torch.set_float32_matmul_precision("highest")      # exact.py's float32 products stay float32
-        self.integer = integer             # the context network on int8 grids (exact.py; format 5 on)
+        version = version or container.version_for(model.cfg)     # default: the format written now
+        self.integer = version in container.INTEGER_CONTEXT        # the context network on int8 grids (exact.py)
         self.model = model
         self.cfg = model.cfg
         self.chunk_len = chunk_len or default_chunk_len(model)
         if self.chunk_len not in model.chunk_lens:
             raise FormatError(f"the model codes chunks of {', '.join(map(str, model.chunk_lens))} "
                               f"bytes, not {self.chunk_len}")
-        self.family = coder.FAMILIES[model.cfg.output]()
+        self.family = coder.JointBytes() if version in container.JOINT_BYTES else coder.FAMILIES[model.cfg.output]()
 
     def contexts(self):
         return self.model.coding_context(self.integer)

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .families import family_of, to_vars, symbol_bits
+from .families import family_of, to_vars
 from .layers import Block, Gelu, rotary_tables, time_features
 
 BOS = 256
@@ -61,7 +61,6 @@ class SARNet(nn.Module):
             self.prior = nn.Linear(ds, cfg.chunk_len * self.family.n_out)     # the chunk's t = 0 prediction
             nn.init.zeros_(self.prior.weight)
             nn.init.zeros_(self.prior.bias)
-            self.register_buffer("bit_table", symbol_bits(cfg.V).float(), persistent=False)
         self.ln_out = nn.LayerNorm(ds)
         self.head = nn.Linear(ds, self.family.n_out)
         nn.init.zeros_(self.head.weight)
@@ -107,9 +106,9 @@ class SARNet(nn.Module):
         if not self.cfg.step_layers:
             return self.family.log_probs(z, self.head(self.ln_out(state))[:, :, None])
         theta1 = z.softmax(-1)[..., 1]
-        soft = (((z[..., 1] - z[..., 0]) @ self.bit_table.to(z.dtype).T).softmax(-1))
-        h = (self.bits_in(2 * theta1 - 1) + self.soft_emb(soft) + self.pos_emb.weight[:L].to(z.dtype)
-             + (state + self.time_mlp(time_features(t.to(z.dtype))))[:, :, None])
+        evidence = self.family.evidence(z)                  # (B, C, L, 256): the soft embedding's and the output's
+        h = (self.bits_in(2 * theta1 - 1) + self.soft_emb(evidence.softmax(-1).to(theta1.dtype))
+             + self.pos_emb.weight[:L].to(z.dtype) + (state + self.time_mlp(time_features(t.to(z.dtype))))[:, :, None])
         h = h.reshape(B * C, L, -1)
         for block in self.step_blocks:
             if L == 1:                  # one-byte chunks: attention returns the byte's value
@@ -120,7 +119,7 @@ class SARNet(nn.Module):
         rows = L * self.family.n_out                 # the prior of the chunk's L positions
         prior = F.linear(state, self.prior.weight[:rows], self.prior.bias[:rows]).reshape(B, C, L, -1)
         delta = self.head(self.ln_out(h)).reshape(B, C, L, -1) + prior
-        return self.family.log_probs(z, delta)
+        return self.family.log_probs(z, delta, evidence)
 
     def coding_context(self, integer=False):
         """The coding-time context network (`ContextCache`); integer: its products on int8 grids (exact.py)."""

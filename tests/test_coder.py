@@ -37,7 +37,7 @@ def check_push_pop(push, pop, sym):
 
 
 SCH = bb.Schedule(8, 3.0, 4.0)
-BITS, BYTES = bb.Bits(), bb.Bytes()
+BITS, BYTES, JOINT = bb.Bits(), bb.Bytes(), bb.JointBytes()
 RNG = np.random.default_rng(1)
 D = 200
 X = RNG.integers(0, 2, D)
@@ -317,48 +317,76 @@ def stand_in_bytes(s, t):
     return bb.quantise_logit(logits - logits.max(1, keepdims=True))
 
 
-def test_bytes_output_pair():
+BYTE_FAMILIES = pytest.mark.parametrize("family", [BYTES, JOINT], ids=["chain", "joint"])
+
+
+@BYTE_FAMILIES
+def test_bytes_output_pair(family):
     out = stand_in_bytes(np.zeros(8 * NB), 1.0)
-    sym = check_pop_push(lambda s: bb.pop_symbols(s, BYTES, out, 8 * NB),
-                         lambda s, v: bb.push_symbols(s, BYTES, out, v))
-    check_push_pop(lambda s, v: bb.push_symbols(s, BYTES, out, v), lambda s: bb.pop_symbols(s, BYTES, out, 8 * NB), sym)
+    sym = check_pop_push(lambda s: family.pop_symbols(s, out, 8 * NB), lambda s, v: family.push_symbols(s, out, v))
+    check_push_pop(lambda s, v: family.push_symbols(s, out, v), lambda s: family.pop_symbols(s, out, 8 * NB), sym)
 
 
+@BYTE_FAMILIES
 @pytest.mark.parametrize("i", [1, 2, 8])
-def test_bytes_receiver_step_pair(i):
+def test_bytes_receiver_step_pair(family, i):
     s_prev = RNG.normal(0, 3, 8 * NB) if i > 1 else np.zeros(8 * NB)
     out = stand_in_bytes(s_prev, (i - 1) / SCH.n)
-    S_i = check_pop_push(lambda s: bb.pop_step(s, BYTES, SCH, i, s_prev, out),
-                         lambda s, v: bb.push_step(s, BYTES, SCH, i, v, s_prev, out))
-    check_push_pop(lambda s, v: bb.push_step(s, BYTES, SCH, i, v, s_prev, out),
-                   lambda s: bb.pop_step(s, BYTES, SCH, i, s_prev, out), S_i)
+    S_i = check_pop_push(lambda s: family.pop_step(s, SCH, i, s_prev, out),
+                         lambda s, v: family.push_step(s, SCH, i, v, s_prev, out))
+    check_push_pop(lambda s, v: family.push_step(s, SCH, i, v, s_prev, out),
+                   lambda s: family.pop_step(s, SCH, i, s_prev, out), S_i)
 
 
-def test_bytes_conditionals_are_the_joint():
-    """The chain of conditional log-odds reproduces the joint: sum_d log p(x_d | x_<d) =
-    log p(x) for every byte, up to the logit grid."""
+@BYTE_FAMILIES
+def test_bytes_output_costs_the_joint(family):
+    """Both byte families code the output at log p(x) of the joint: the chain rule's sum of
+    conditionals up to the logit grid, the joint symbol up to constriction's 24-bit rounding;
+    and the stack grows by that (bytes drawn from the joint: far-tail bytes cost less than
+    log p(x), their probability floored by the coder)."""
     out = stand_in_bytes(RNG.normal(0, 2, 8 * NB), 0.3)
-    x = RNG.integers(0, 256, NB).astype(np.uint8)
-    bits = bb.bytes_to_bits(x)
-    chain = bb.push_symbols(bb.AnsCoder(), BYTES, out, bits)
+    p = np.exp(out) / np.exp(out).sum(1, keepdims=True)
+    x = np.array([RNG.choice(256, p=row) for row in p], dtype=np.uint8)
+    stack = fresh_stack()
+    start = codec.information_bits(stack)
+    bits = family.push_symbols(stack, out, bb.bytes_to_bits(x))
     joint = -(out[np.arange(NB), x] - np.log(np.exp(out).sum(1))).sum() / np.log(2)
-    assert chain == pytest.approx(joint, abs=NB * 8 * 0.01)
+    assert bits == pytest.approx(joint, abs=NB * 8 * 0.01)
+    assert codec.information_bits(stack) - start == pytest.approx(joint, abs=NB * 8 * 0.01)
 
 
+def test_joint_weights_are_exact_integers():
+    """The joint family's weights: its exp table is round(2^30 exp(-j / 1024)), and the
+    posterior's log-weights are integers (in 1/1024), whatever the order of the sums."""
+    table = bb.JointBytes.exp_table()
+    j = np.arange(len(table))
+    assert np.array_equal(table, np.round(2 ** 30 * np.exp(-j / 1024)))
+    out = stand_in_bytes(RNG.normal(0, 2, 8 * NB), 0.3)
+    u = RNG.normal(0, 5, 8 * NB)
+    points = JOINT.points(out, u)
+    assert np.array_equal(points, np.round(points))
+    steps = np.round(u * 1024).reshape(NB, 8)
+    assert np.array_equal(points, out * 1024 + sum(steps[:, d, None] * bb.Bytes.TABLE[:, d] for d in range(7, -1, -1)))
+    rows = JOINT.pmf(points)
+    assert rows.max(1).tolist() == [2.0 ** 30] * NB and rows.min() >= 2
+
+
+@BYTE_FAMILIES
 @pytest.mark.parametrize("n", [1, 4, 20])
-def test_bytes_chunk_round_trip_restores_the_stack(n):
+def test_bytes_chunk_round_trip_restores_the_stack(family, n):
     sch = bb.Schedule(n, 3.0, 4.0)
     stack = fresh_stack(4096)
     before = stack.get_compressed()
     chunks = [RNG.integers(0, 2, 8 * 4) for _ in range(3)]
     for k, x in reversed(list(enumerate(chunks))):
-        bb.encode_chunk(stack, sch, BYTES, x, stand_in_bytes, k)
+        bb.encode_chunk(stack, sch, family, x, stand_in_bytes, k)
     for k, x in enumerate(chunks):
-        assert np.array_equal(bb.decode_chunk(stack, sch, BYTES, 8 * 4, stand_in_bytes, k), x)
+        assert np.array_equal(bb.decode_chunk(stack, sch, family, 8 * 4, stand_in_bytes, k), x)
     assert np.array_equal(stack.get_compressed(), before)
 
 
-def test_bytes_code_length_is_the_trajectory_loss_under_a_miscalibrated_model():
+@BYTE_FAMILIES
+def test_bytes_code_length_is_the_trajectory_loss_under_a_miscalibrated_model(family):
     """Chained chunks of a wrong joint model cost what the model's loss on their trajectories says."""
     rng = np.random.default_rng(4)
     sch = bb.Schedule(10, 3.0, 4.0)
@@ -366,7 +394,7 @@ def test_bytes_code_length_is_the_trajectory_loss_under_a_miscalibrated_model():
     start, stats = codec.information_bits(stack), bb.Stats()
     for k in range(60):
         x = bb.bytes_to_bits(rng.choice([32, 101, 116, 97], 16).astype(np.uint8))
-        bb.encode_chunk(stack, sch, BYTES, x, stand_in_bytes, k, stats)
+        bb.encode_chunk(stack, sch, family, x, stand_in_bytes, k, stats)
     excess = (codec.information_bits(stack) - start) / stats.model_bits - 1
     assert abs(excess) < 0.015
 

@@ -106,8 +106,8 @@ def test_integer_attention_groups_query_heads_as_the_float_attention_does():
 
 
 def test_a_chunk_design_with_byte_outputs_codes_in_float64(tmp_path):
-    """Only designs with an integer context network write format 5: a `chunk` model with the
-    joint byte output writes format 4, and a format 5 header naming it is refused."""
+    """Only designs with an integer context network write formats 5 and 6: a `chunk` model with
+    the joint byte output writes format 4, and a format 5 or 6 header naming it is refused."""
     from bfn_codec import codec
     from bfn_codec.model import ModelConfig, build, save_weights
     cfg = ModelConfig(output="bytes", d_model=16, n_layers=1, n_heads=2, chunk_len=8, context_len=16)
@@ -118,9 +118,10 @@ def test_a_chunk_design_with_byte_outputs_codes_in_float64(tmp_path):
     blob = codec.compress(data, str(path), fallback=False)[0]
     header, frames, crcs = container.unpack(blob)
     assert header.version == 4 and codec.decompress(blob, str(path)) == data
-    relabelled = container.pack(dataclasses.replace(header, version=5), frames, crcs)
-    with pytest.raises(container.FormatError):
-        codec.decompress(relabelled, str(path))
+    for version in container.INTEGER_CONTEXT:
+        relabelled = container.pack(dataclasses.replace(header, version=version), frames, crcs)
+        with pytest.raises(container.FormatError):
+            codec.decompress(relabelled, str(path))
 
 
 @pytest.mark.parametrize("capability", ["default", "avx2"])
