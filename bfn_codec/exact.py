@@ -72,14 +72,13 @@ class IntBlock(Block):
 
     @staticmethod
     def cache_rows(k, v):
-        """What a cache keeps of new keys and values: their int8 rows (as float32) and scales."""
+        """What a cache keeps of new keys and values: their int8 rows (as float32) and scales,
+        keys then values along the head axis."""
         ints, scales = int8_rows(torch.cat([k, v], 1))
-        ints = ints.float()
-        return ints[:, :k.shape[1]], scales[:, :k.shape[1]], ints[:, k.shape[1]:], scales[:, k.shape[1]:]
+        return ints.float(), scales
 
-    @staticmethod
-    def from_cache(kq, ks, vq, vs):
-        return (kq, ks), (vq, vs)
+    def from_cache(self, ints, scales):
+        return (ints[:, :self.kv_heads], scales[:, :self.kv_heads]), (ints[:, self.kv_heads:], scales[:, self.kv_heads:])
 
     def attend(self, q, k, v, mask=None, causal=False):
         """q (B, H, T, hd) float64 over cached k, v: (ints (B, kv_heads, S, hd), scales (B, kv_heads, S, 1));
@@ -95,6 +94,6 @@ class IntBlock(Block):
         if mask is not None:
             logits = logits.masked_fill_(~mask.repeat(group, 1), -math.inf)
         top = vs.amax(-2, keepdim=True)                                      # (B, kv_heads, 1, 1)
-        weights = logits.softmax(-1).mul_(vs.transpose(-1, -2) / top).mul_(WEIGHT_GRID).round_()
+        weights = logits.softmax(-1).mul_((vs.transpose(-1, -2) / top).mul_(WEIGHT_GRID)).round_()   # (x y) 2^16 = x (y 2^16)
         out = torch.mul(weights.float() @ vq, top / WEIGHT_GRID)
         return out.reshape(B, H, T, hd)
