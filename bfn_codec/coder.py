@@ -8,11 +8,12 @@ Each variable (a bit of a byte) is coded through its informative coordinate s = 
     output   p(x | s_n)        = Bernoulli(p_O(x = 1 | theta_n, t = 1))
 
 (the flow, sender and receiver of sec. 6 in one coordinate). The component weights w_c
-come from the output family (`Bits`, `Bytes` below): independent bits give them directly;
-a joint 256-way byte gives them by the chain rule, coordinate d of every byte under the
-joint's posterior given the byte's coordinates 0..d-1 already coded at this step (the same
-for the output p(x | s_n), with those coordinates known exactly). Each piece is a push/pop
-pair: `pop` is the exact inverse of `push` on the stack. The encoder of a chunk pops
+come from the output family (below): independent bits (`Bits`) give them directly; a joint
+256-way byte is either one symbol, the byte that picks the component of all 8 coordinates
+at once (`JointBytes`, format 6), or coded by the chain rule, coordinate d of every byte
+under the joint's posterior given the byte's coordinates 0..d-1 already coded at this
+step (`Bytes`, formats 3 to 5; the same for the output p(x | s_n)). Each piece is a
+push/pop pair: `pop` is the exact inverse of `push` on the stack. The encoder of a chunk pops
 s_n, pushes x, then for i = n..2 pops s_{i-1} from the bridge and pushes s_i under the
 receiver, and finally pushes s_1; the decoder runs the exact reverse. Pushing under the
 receiver mixture is itself bits-back over the component c (pop c from its posterior,
@@ -21,7 +22,8 @@ is whitened (`whiten`), so that the pops draw fresh samples whatever was pushed 
 
 Determinism: every number handed to constriction is a function of integers and of the
 network's output *after* `quantise_logit`, computed the same way on both sides. s_i
-lives on the integer grid s_i = S_i * grid_i; probabilities are rounded to 2^-20.
+lives on the integer grid s_i = S_i * grid_i; Bernoulli probabilities are rounded to
+2^-20; `JointBytes` hands over integer weights from integer log-weights.
 """
 import dataclasses
 import functools
@@ -41,8 +43,10 @@ POP_SIGMAS = 6.0           # pop ranges: +- this many standard deviations
 
 def quantise_logit(logit):
     """Round float logits (any dtype) to the fixed grid: what both sides agree on. (The steps
-    are powers of two: scaling by them is exact.)"""
+    are powers of two: scaling by them is exact.) A NaN (a broken network) is an error."""
     points = np.round(np.asarray(logit, np.float64) * (1 / LOGIT_STEP))
+    if np.isnan(points).any():
+        raise ValueError("the network's output is not a number")
     top = LOGIT_MAX / LOGIT_STEP
     return np.minimum(np.maximum(points, -top, out=points), top, out=points) * LOGIT_STEP
 
@@ -237,8 +241,8 @@ def pop_receiver(coder, sch, i, s_prev, logit):
 class Chain:
     """Families whose variables are coded a group of coordinates at a time, each coordinate's
     component log-odds conditional on the groups before it (the chain rule). A family gives
-    `groups(D)`, `start(out)`, `logit(state, g)`, `observe(state, g, evidence)` and
-    `fix(state, g, bits)`."""
+    `groups(D)`, `start(out)`, `logit(state, g)`, `observe(state, g, evidence)`,
+    `fix(state, g, bits)` and `step_bits(trace, x, acc)`."""
 
     def _chain(self, out, groups, values, update):
         """The conditional log-odds of every group, given the groups before it (encoder side)."""
@@ -372,7 +376,7 @@ class JointBytes:
     `pmf` turns them into integer weights through a table of exp(-j 2^-10) built by integer
     arithmetic, and constriction's Categorical takes those. No float function whose last
     bit may differ between machines is on the path. Three coder calls per step, where the
-    chain rule (`Bytes`) makes 32."""
+    chain rule (`Bytes`) makes 24."""
     name = "bytes"
     GRID = 1024.0                                 # log-weights in units of 1 / GRID
     TABLE = Bytes.TABLE.astype(np.float64)        # (256, 8): the bits of every byte value
@@ -387,7 +391,7 @@ class JointBytes:
         one-tick floor), by a 62-bit fixed-point recurrence whose ratio comes from `decimal`
         (correctly rounded): the same integers on every machine."""
         import decimal
-        with decimal.localcontext(decimal.Context(prec=40)):
+        with decimal.localcontext(decimal.Context(prec=40, rounding=decimal.ROUND_HALF_EVEN)):
             ratio = int(((decimal.Decimal(-1) / int(JointBytes.GRID)).exp() * 2 ** 62).to_integral_value())
         table, w = [], 1 << 62
         for _ in range(20 * int(JointBytes.GRID)):
@@ -415,6 +419,7 @@ class JointBytes:
         return float(-log_w[np.arange(len(out)), symbols].sum() / math.log(2))
 
     def pop_symbols(self, coder, out, D):
+        assert D == 8 * len(out)
         return bytes_to_bits(coder.decode(self._CATEGORICAL, self.pmf(self.points(out))).astype(np.uint8))
 
     def push_step(self, coder, sch, i, S_i, s_prev, out):

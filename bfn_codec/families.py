@@ -10,7 +10,7 @@ terms of that distribution:
 - `Bytes`: one joint K^V-way output per byte, log p_O(b) = sum_d z_{d, b_d} + delta_b
            (normalised); delta has K^V = 256 entries. One step's receiver of a byte is then
            a 256-component mixture over its V coordinates (sec. 6.7), which the coder codes
-           coordinate by coordinate (coder.py).
+           as one 256-way symbol (coder.JointBytes; formats 3 to 5 coordinate by coordinate).
 
 `cfg.residual = False` drops the evidence term (p_O = softmax(delta)).
 """

@@ -303,7 +303,7 @@ def test_incompressible_input_never_loads_a_model(tmp_path):
     assert (tmp_path / "random.bfn").stat().st_size < 50_100
 
 
-# ---- the joint byte family: coordinates coded by the chain rule ----
+# ---- the joint byte families: coordinate by coordinate (chain rule), one symbol per byte (joint) ----
 
 NB = 25                                       # bytes
 XB = RNG.integers(0, 2, 8 * NB)
@@ -369,6 +369,13 @@ def test_joint_weights_are_exact_integers():
     assert np.array_equal(points, out * 1024 + sum(steps[:, d, None] * bb.Bytes.TABLE[:, d] for d in range(7, -1, -1)))
     rows = JOINT.pmf(points)
     assert rows.max(1).tolist() == [2.0 ** 30] * NB and rows.min() >= 2
+
+
+def test_a_network_output_that_is_not_a_number_is_an_error():
+    """A NaN never reaches the coder (it would turn into an arbitrary table index)."""
+    assert np.array_equal(bb.quantise_logit([0.01, -np.inf, 40.0]), [0.0, -16.0, 16.0])
+    with pytest.raises(ValueError):
+        bb.quantise_logit(np.array([[0.0, np.nan]]))
 
 
 @BYTE_FAMILIES
