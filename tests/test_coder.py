@@ -373,7 +373,7 @@ def test_joint_weights_are_exact_integers():
 
 def test_a_network_output_that_is_not_a_number_is_an_error():
     """A NaN never reaches the coder (it would turn into an arbitrary table index)."""
-    assert np.array_equal(bb.quantise_logit([0.01, -np.inf, 40.0]), [0.0, -16.0, 16.0])
+    assert np.array_equal(bb.quantise_logit([0.004, -np.inf, 40.0]), [0.0, -16.0, 16.0])
     with pytest.raises(ValueError):
         bb.quantise_logit(np.array([[0.0, np.nan]]))
 
