@@ -96,12 +96,12 @@ def end_to_end(paths, workers=(1, 2)):
 
 
 def valid_text(kb, offset=300_000):
-    """kb KB of the validation books (after the slice training validates on), as a file."""
+    """kb KB of the validation books (after the slice training validates on), as a file
+    (valid<kb>k.txt in a new temporary folder)."""
     import tempfile
-    f = tempfile.NamedTemporaryFile(prefix="valid", suffix=".txt", delete=False)
-    f.write(read_text(Path(DATA) / "valid.txt.xz", offset + kb * 1024)[offset:].tobytes())
-    f.close()
-    return f.name
+    path = Path(tempfile.mkdtemp()) / f"valid{kb}k.txt"
+    path.write_bytes(read_text(Path(DATA) / "valid.txt.xz", offset + kb * 1024)[offset:].tobytes())
+    return str(path)
 
 
 def main():
