@@ -310,7 +310,7 @@ class Bits(Chain):
 
     def step_bits(self, trace, x, acc):
         """The step's expected code length given its receiver (quadrature over the sender)."""
-        logits, groups, u = trace
+        logits = trace[0]
         return kl_bits(logits[0], x, acc)
 
 
@@ -423,11 +423,12 @@ class JointBytes:
         return bytes_to_bits(coder.decode(self._CATEGORICAL, self.pmf(self.points(out))).astype(np.uint8))
 
     def push_step(self, coder, sch, i, S_i, s_prev, out):
-        b = coder.decode(self._CATEGORICAL, self.pmf(self.points(out, S_i * sch.grid[i] - s_prev)))
+        u = S_i * sch.grid[i] - s_prev
+        b = coder.decode(self._CATEGORICAL, self.pmf(self.points(out, u)))
         mean, std = _component_params(sch, i, s_prev, bytes_to_bits(b.astype(np.uint8)))
         push_gaussian(coder, S_i, mean, std, int(sch.push_range[i]))
         coder.encode_reverse(b, self._CATEGORICAL, self.pmf(self.points(out)))
-        return out, S_i * sch.grid[i] - s_prev
+        return out, u
 
     def pop_step(self, coder, sch, i, s_prev, out):
         b = coder.decode(self._CATEGORICAL, self.pmf(self.points(out)))
