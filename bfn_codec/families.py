@@ -40,9 +40,12 @@ def to_symbols(variables, cfg):
 class Evidence:
     """What a family knows of the joint symbols: the flow's evidence for each of the 2^V."""
 
+    _table = None
+
     def table(self, like):
-        if self._table.device != like.device or self._table.dtype != like.dtype:
-            self._table = self._table.to(like.device, like.dtype)
+        """symbol_bits(V), on like's device and dtype (kept for the next call)."""
+        if self._table is None or self._table.device != like.device or self._table.dtype != like.dtype:
+            self._table = symbol_bits(self.V).to(like.device, like.dtype)
         return self._table
 
     def evidence(self, z):
@@ -59,7 +62,6 @@ class Bits(Evidence):
     def __init__(self, V=8, residual=True):
         self.V, self.residual = V, residual
         self.n_out = V
-        self._table = symbol_bits(V).float()               # (256, V)
 
     def log_probs(self, z, delta, evidence=None):
         """z (..., V, 2), delta (..., V) -> log p_O (..., V, 2) (each bit's own z is its evidence)."""
@@ -94,7 +96,6 @@ class Bytes(Evidence):
     def __init__(self, V=8, residual=True):
         self.V, self.residual = V, residual
         self.n_out = 2 ** V
-        self._table = symbol_bits(V).float()               # (256, V)
 
     def log_probs(self, z, delta, evidence=None):
         """z (..., V, 2), delta (..., 256) -> log p_O (..., 256); evidence: `evidence(z)` where the caller has it."""
