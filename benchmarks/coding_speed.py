@@ -7,8 +7,8 @@ and what a user gets: the commands' speed on whole files.
 
 Codes KB of the validation books as one frame (in this process, one thread, bits-back
 forced; 76 KB: the 38 lanes of each of alice29.txt's two frames) in each format version
-asked for (default: the one written now; 4 runs the context network in float64, 5 on int8
-grids), checks the round trip, and prints KB/s each way with the milliseconds per KB spent
+asked for (default: the one written now; 4 runs the context network in float64, 5 and 6 on
+int8 grids in torch, 7 in the compiled kernel), checks the round trip, and prints KB/s each way with the milliseconds per KB spent
 in the context network (`advance` and `prepare`: once per stripe), the per-step network
 (`forward`: n + 1 calls per chunk) and the rest (the coder, chunking).
 """
@@ -47,7 +47,7 @@ def measure(path, kb, steps, version=None, offset=200_000):
     data = read_text(Path(DATA) / "valid.txt.xz", offset + kb * 1024)[offset:].tobytes()
     setup = codec.load_setup(path, steps, codec.DEFAULT_BINS, None, version)
     model = setup.predictor.model
-    context_class = type(model.coding_context())
+    context_class = type(setup.predictor.contexts())      # the format's: torch or compiled
     rows = {}
     for direction in ("compress", "decompress"):
         spent = {}

@@ -92,8 +92,8 @@ class ChunkNet(nn.Module):
         delta = self.head(self.ln_out(h)).reshape(B, C, L, -1)
         return self.family.log_probs(z, delta)
 
-    def coding_context(self, integer=False):
-        if integer:
+    def coding_context(self, integer=False, compiled=False):
+        if integer or compiled:
             raise ValueError("the chunk design codes in float64 only")
         return WindowContext(self)
 

@@ -1,10 +1,11 @@
-"""The .bfn file format (versions 2 to 6). All integers little-endian.
+"""The .bfn file format (versions 2 to 7). All integers little-endian.
 
 Version 2 files are coded with a model whose output is independent bits, a frame as one
 lane; versions 3 to 6 with a joint 256-way output per byte, a frame as lanes (codec.lanes:
 version 3 one per 2048 bytes; 4 to 6 also up to 16 lanes of at least 512 bytes in a short
-frame). Versions 5 and 6 run the context network on int8 grids (exact.py), the others in
-float64. Versions 3 to 5 code a byte coordinate by coordinate (coder.Bytes), version 6 as
+frame). Versions 5 to 7 run the context network on int8 grids, the others in float64: 5 and
+6 in torch (exact.py), 7 in the compiled kernel, whose every float operation is defined
+(context.py). Versions 3 to 5 code a byte coordinate by coordinate (coder.Bytes), 6 and 7 as
 one 256-way symbol at every step (coder.JointBytes). The layout is the same.
 
     magic      4  b"BFN\\x1a"
@@ -38,10 +39,11 @@ from .errors import CorruptError, FormatError  # noqa: F401  (raised here, caugh
 
 
 MAGIC = b"BFN\x1a"
-VERSIONS = {"bits": 2, "bytes": 6}     # written, by output family; 2 whitens before the pops of every step
-READS = {"bits": (2,), "bytes": (3, 4, 5, 6)}   # read, by output family
-INTEGER_CONTEXT = frozenset({5, 6})      # versions whose context network codes on int8 grids (exact.py)
-JOINT_BYTES = frozenset({6})             # versions that code each byte as one symbol per step (coder.JointBytes)
+VERSIONS = {"bits": 2, "bytes": 7}     # written, by output family; 2 whitens before the pops of every step
+READS = {"bits": (2,), "bytes": (3, 4, 5, 6, 7)}   # read, by output family
+INTEGER_CONTEXT = frozenset({5, 6, 7})   # versions whose context network codes on int8 grids (exact.py)
+COMPILED_CONTEXT = frozenset({7})        # ... in the compiled kernel (context.py)
+JOINT_BYTES = frozenset({6, 7})             # versions that code each byte as one symbol per step (coder.JointBytes)
 NO_MODEL_VERSION = 3                     # a file whose frames need no model: one that earlier releases read
 
 
@@ -58,7 +60,7 @@ class LaneRule:
 
 
 LANES = {2: LaneRule(0), 3: LaneRule(2048), 4: LaneRule(2048, 512, 16), 5: LaneRule(2048, 512, 16),
-         6: LaneRule(2048, 512, 16)}   # by version
+         6: LaneRule(2048, 512, 16), 7: LaneRule(2048, 512, 16)}   # by version
 
 
 NO_MODEL = "0" * 16      # the model field of a file whose frames need none (all stored or xz)

@@ -1,5 +1,5 @@
 """The network as the coder sees it: one thread, the context network on int8 grids (format 5
-on; float64 before), the per-step network in float64, outputs on a fixed grid, and the
+on, compiled from 7; float64 before), the per-step network in float64, outputs on a fixed grid, and the
 coder's family for the file's format (coder.JointBytes from format 6 on).
 
 The coding path's network side (with coder.Schedule and coder.kl_bits, which import torch
@@ -31,6 +31,7 @@ class Predictor:
         torch.set_float32_matmul_precision("highest")      # exact.py's float32 products stay float32
         version = version or container.version_for(model.cfg)     # default: the format written now
         self.integer = version in container.INTEGER_CONTEXT        # the context network on int8 grids (exact.py)
+        self.compiled = version in container.COMPILED_CONTEXT      # ... in the compiled kernel (context.py)
         self.model = model
         self.cfg = model.cfg
         self.chunk_len = chunk_len or default_chunk_len(model)
@@ -40,7 +41,7 @@ class Predictor:
         self.family = coder.JointBytes() if version in container.JOINT_BYTES else coder.FAMILIES[model.cfg.output]()
 
     def contexts(self):
-        return self.model.coding_context(self.integer)
+        return self.model.coding_context(self.integer, self.compiled)
 
     def for_stripe(self, states, lengths):
         runs = []                                 # lanes with equal chunk lengths: one network call

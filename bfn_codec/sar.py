@@ -121,8 +121,12 @@ class SARNet(nn.Module):
         delta = self.head(self.ln_out(h)).reshape(B, C, L, -1) + prior
         return self.family.log_probs(z, delta, evidence)
 
-    def coding_context(self, integer=False):
-        """The coding-time context network (`ContextCache`); integer: its products on int8 grids (exact.py)."""
+    def coding_context(self, integer=False, compiled=False):
+        """The coding-time context network (`ContextCache`); integer: its products on int8 grids
+        (exact.py); compiled: all of it in the compiled kernel (context.py)."""
+        if compiled:
+            from .context import CompiledContext
+            return CompiledContext(self)
         return ContextCache(self, integer)
 
     def prepare(self, state):

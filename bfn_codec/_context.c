@@ -1,0 +1,343 @@
+/* The context network of format 7 at coding time: one call per stripe (context.py).
+
+The same arithmetic as exact.py's int8 grids, with every float operation written out here
+so that it is one IEEE-754 double operation in a fixed order: products of int8 rows are
+integer sums (int32, exact in any order, whatever SIMD the compiler picks); what is not
+(layer norm, softmax, GELU, rotary angles, the scales) uses only +, -, *, /, sqrt and rint,
+each correctly rounded, in the order written, with exp, erf, sin and cos defined below from
+those. Compiled with -ffp-contract=off and without -ffast-math, every machine computes the
+same bits: the context states no longer depend on the math library or the SIMD width.
+
+Layout (all row-major): a linear layer is int8 weights (out, in), one double scale per output
+channel and a double bias; the cache keeps, per layer, lane and key/value head, `capacity`
+rows of int8 keys and values (head_dim each) with one double scale per row.
+*/
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct {
+    const int8_t *weight;   /* (out, in) */
+    const double *scale;    /* (out,) */
+    const double *bias;     /* (out,) */
+    const int8_t *packed;   /* the weight as (out / 16, in / 4, 16, 4) for the VNNI product, or NULL */
+    const int32_t *offset;  /* (out,): 128 times the sum of each output channel's weights */
+} Linear;
+
+typedef struct {
+    const double *ln1_weight, *ln1_bias, *ln2_weight, *ln2_bias;   /* (d,) each */
+    Linear qkv, proj, fc1, fc2;
+} Layer;
+
+typedef struct {
+    int32_t d, n_heads, kv_heads, n_layers, local_layers, local_window, window, hidden, ds;
+    const double *embedding;            /* (257, d) */
+    const Layer *layers;                /* (n_layers,) */
+    const double *ln_weight, *ln_bias;  /* the final layer norm */
+    Linear out;                         /* (ds, d) */
+} Net;
+
+typedef struct {
+    int8_t *keys, *values;              /* (n_layers, lanes, kv_heads, capacity, head_dim) */
+    double *key_scales, *value_scales;  /* (n_layers, lanes, kv_heads, capacity) */
+    int32_t lanes, capacity;
+} Cache;
+
+/* ---- elementary functions from +, -, *, /, rint (the same bits on every IEEE machine) ---- */
+
+static const double LN2_HI = 6.93147180369123816490e-01;    /* ln 2 in two parts: k LN2_HI is exact */
+static const double LN2_LO = 1.90821492927058770002e-10;
+static const double INV_LN2 = 1.44269504088896338700e+00;
+static const double PIO2_1 = 1.57079632673412561417e+00;    /* pi / 2 in three parts of 33 bits */
+static const double PIO2_2 = 6.07710050630396597660e-11;
+static const double PIO2_3 = 2.02226624871116645580e-21;
+static const double INV_PIO2 = 6.36619772367581382433e-01;
+static const double LN_10000 = 9.21034037197618273607e+00;
+
+/* exp(x) for x <= 0 (x below -708 counts as -708): x = k ln 2 + r, |r| <= ln 2 / 2, and e^r
+   by its Taylor series to r^13 (relative error below 2e-16), times 2^k (exact: the result is a
+   normal number). Branch-free, so that loops over it vectorise. */
+static inline double exp_neg(double x) {
+    x = x < -708.0 ? -708.0 : x;
+    double k = rint(x * INV_LN2);
+    double r = (x - k * LN2_HI) - k * LN2_LO;
+    double p = 1.0 / 6227020800.0;                         /* 1/13! */
+    static const double inv_fact[13] = {1.0 / 479001600.0, 1.0 / 39916800.0, 1.0 / 3628800.0,
+        1.0 / 362880.0, 1.0 / 40320.0, 1.0 / 5040.0, 1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0,
+        1.0 / 6.0, 1.0 / 2.0, 1.0, 1.0};
+    for (int i = 0; i < 13; i++) p = p * r + inv_fact[i];
+    union { uint64_t bits; double value; } two_k = {(uint64_t)((int64_t)k + 1023) << 52};
+    return p * two_k.value;
+}
+
+/* erf(x) by Abramowitz and Stegun 7.1.26 (absolute error below 1.5e-7). */
+static inline double erf_as(double x) {
+    double a = fabs(x);
+    double t = 1.0 / (1.0 + 0.3275911 * a);
+    double poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))));
+    double y = 1.0 - poly * exp_neg(-(a * a));
+    return x < 0 ? -y : y;
+}
+
+/* sin and cos of x >= 0 (below 2^22 pi / 2): x = k pi/2 + r, |r| <= pi/4, Taylor series to
+   r^17 and r^18. */
+static void sin_cos(double x, double *s, double *c) {
+    double k = rint(x * INV_PIO2);
+    double r = ((x - k * PIO2_1) - k * PIO2_2) - k * PIO2_3;
+    double r2 = r * r, ps = 0.0, pc = 0.0, fs = 1.0, fc = 1.0;
+    double sin_terms[9], cos_terms[10];
+    for (int i = 0; i < 9; i++) { sin_terms[i] = (i % 2 ? -1.0 : 1.0) / fs; fs *= (2 * i + 2) * (2 * i + 3); }
+    for (int i = 0; i < 10; i++) { cos_terms[i] = (i % 2 ? -1.0 : 1.0) / fc; fc *= (2 * i + 1) * (2 * i + 2); }
+    for (int i = 8; i >= 0; i--) ps = ps * r2 + sin_terms[i];
+    for (int i = 9; i >= 0; i--) pc = pc * r2 + cos_terms[i];
+    ps *= r;
+    switch ((int64_t)k & 3) {
+        case 0: *s = ps; *c = pc; break;
+        case 1: *s = pc; *c = -ps; break;
+        case 2: *s = -ps; *c = -pc; break;
+        default: *s = -pc; *c = ps; break;
+    }
+}
+
+/* ---- pieces of a block ---- */
+
+/* x (n, k) -> int8 rows q and scales: x ~ q scale, scale = max |x| / 127 (at least 1e-30 / 127). */
+static void int8_rows(const double *x, int n, int k, int8_t *q, double *scale) {
+    for (int r = 0; r < n; r++) {
+        const double *row = x + (size_t)r * k;
+        double top = 1e-30;
+        for (int j = 0; j < k; j++) if (fabs(row[j]) > top) top = fabs(row[j]);
+        double s = top / 127.0;
+        for (int j = 0; j < k; j++) q[(size_t)r * k + j] = (int8_t)rint(row[j] / s);
+        scale[r] = s;
+    }
+}
+
+static int32_t dot8(const int8_t *a, const int8_t *b, int k) {
+    int32_t acc = 0;
+    for (int j = 0; j < k; j++) acc += (int32_t)a[j] * (int32_t)b[j];
+    return acc;
+}
+
+/* acc (n, out) = the integer products of int8 rows q (n, in) with the layer's weights. Where
+   the CPU has AVX-512 VNNI, by vpdpbusd on (q + 128) as unsigned bytes, less 128 times the
+   weights' sums: the same integers as dot8, 64 products per instruction. */
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define HAVE_VNNI_PATH 1
+__attribute__((target("avx512f,avx512bw,avx512vnni")))
+static void products_vnni(const Linear *f, int in, int out, const int8_t *q, int n, uint8_t *shifted, int32_t *acc) {
+    for (size_t j = 0; j < (size_t)n * in; j++) shifted[j] = (uint8_t)(q[j] + 128);
+    for (int block = 0; block < out / 16; block++) {
+        const int8_t *w = f->packed + (size_t)block * in * 16;
+        __m512i offset = _mm512_loadu_si512(f->offset + block * 16);
+        int r = 0;
+        for (; r < n; r += 4) {
+            int rows = n - r < 4 ? n - r : 4;
+            const uint8_t *x[4];
+            for (int i = 0; i < 4; i++) x[i] = shifted + (size_t)(r + (i < rows ? i : 0)) * in;
+            __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+            for (int k = 0; k < in; k += 4) {
+                __m512i wk = _mm512_loadu_si512(w + (size_t)k * 16);
+                a0 = _mm512_dpbusd_epi32(a0, _mm512_set1_epi32(*(const int32_t *)(x[0] + k)), wk);
+                a1 = _mm512_dpbusd_epi32(a1, _mm512_set1_epi32(*(const int32_t *)(x[1] + k)), wk);
+                a2 = _mm512_dpbusd_epi32(a2, _mm512_set1_epi32(*(const int32_t *)(x[2] + k)), wk);
+                a3 = _mm512_dpbusd_epi32(a3, _mm512_set1_epi32(*(const int32_t *)(x[3] + k)), wk);
+            }
+            __m512i a[4] = {a0, a1, a2, a3};
+            for (int i = 0; i < rows; i++)
+                _mm512_storeu_si512(acc + (size_t)(r + i) * out + block * 16, _mm512_sub_epi32(a[i], offset));
+        }
+    }
+}
+
+static int vnni(void) {
+    static int known = -1;
+    if (known < 0) { __builtin_cpu_init(); known = __builtin_cpu_supports("avx512vnni") ? 1 : 0; }
+    return known;
+}
+
+static int avx512(void) {
+    static int known = -1;
+    if (known < 0) {
+        __builtin_cpu_init();
+        known = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") ? 1 : 0;
+    }
+    return known;
+}
+#endif
+
+static void products(const Linear *f, int in, int out, const int8_t *q, int n, uint8_t *shifted, int32_t *acc,
+                     int portable) {
+#ifdef HAVE_VNNI_PATH
+    if (f->packed && !portable && vnni()) { products_vnni(f, in, out, q, n, shifted, acc); return; }
+#endif
+    for (int o = 0; o < out; o++)
+        for (int r = 0; r < n; r++)
+            acc[(size_t)r * out + o] = dot8(q + (size_t)r * in, f->weight + (size_t)o * in, in);
+}
+
+/* y (n, out) = the layer applied to int8 rows (q, scale) of its input: (sum q w) scale
+   w_scale + bias; add: y += that (the residual stream). work: n in bytes and n out int32. */
+static void linear(const Linear *f, int in, int out, const int8_t *q, const double *scale, int n,
+                   double *y, int add, uint8_t *work, int portable) {
+    int32_t *acc = (int32_t *)(work + (((size_t)n * in + 63) & ~(size_t)63));
+    products(f, in, out, q, n, work, acc, portable);
+    for (int r = 0; r < n; r++)
+        for (int o = 0; o < out; o++) {
+            double v = (double)acc[(size_t)r * out + o] * scale[r] * f->scale[o] + f->bias[o];
+            double *dst = y + (size_t)r * out + o;
+            *dst = add ? *dst + v : v;
+        }
+}
+
+/* nn.LayerNorm (eps 1e-5): sums in index order. */
+static void layer_norm(const double *x, int n, int d, const double *w, const double *b, double *y) {
+    for (int r = 0; r < n; r++) {
+        const double *row = x + (size_t)r * d;
+        double sum = 0.0, var = 0.0;
+        for (int j = 0; j < d; j++) sum += row[j];
+        double mean = sum / d;
+        for (int j = 0; j < d; j++) var += (row[j] - mean) * (row[j] - mean);
+        double rstd = 1.0 / sqrt(var / d + 1e-5);
+        for (int j = 0; j < d; j++) y[(size_t)r * d + j] = (row[j] - mean) * rstd * w[j] + b[j];
+    }
+}
+
+/* Rotate channel pairs (x_j, x_{j+half}) by angle pos 10000^(-j / half) (layers.rotary). */
+static void rotate(double *x, int hd, const double *cos_, const double *sin_) {
+    int half = hd / 2;
+    for (int j = 0; j < half; j++) {
+        double a = x[j], b = x[j + half];
+        x[j] = a * cos_[j] - b * sin_[j];
+        x[j + half] = b * cos_[j] + a * sin_[j];
+    }
+}
+
+/* One query row (int8 q, scale) over keys lo..last of one lane's key/value head: softmax
+   weights times each value row's scale over the largest, on the grid 2^-16, times the int8
+   values (exact.IntBlock.attend); `local` > 0: only keys less than `local` tokens back. */
+static void attend(const int8_t *q, double q_scale, const int8_t *keys, const double *key_scales,
+                   const int8_t *values, const double *value_scales, int lo, int last, int hd,
+                   double *logits, int32_t *acc, double *out) {
+    double mx = -INFINITY, top = 0.0, sum = 0.0, qs = q_scale * (1.0 / sqrt((double)hd));
+    for (int s = lo; s <= last; s++) {
+        double l = (double)dot8(q, keys + (size_t)s * hd, hd) * qs * key_scales[s];
+        logits[s - lo] = l;
+        if (l > mx) mx = l;
+        if (value_scales[s] > top) top = value_scales[s];
+    }
+    for (int s = lo; s <= last; s++) {
+        logits[s - lo] = exp_neg(logits[s - lo] - mx);
+        sum += logits[s - lo];
+    }
+    memset(acc, 0, sizeof(int32_t) * hd);
+    for (int s = lo; s <= last; s++) {
+        int32_t w = (int32_t)rint(logits[s - lo] / sum * (value_scales[s] / top * 65536.0));
+        const int8_t *v = values + (size_t)s * hd;
+        for (int j = 0; j < hd; j++) acc[j] += w * (int32_t)v[j];
+    }
+    for (int j = 0; j < hd; j++) out[j] = (double)acc[j] * (top / 65536.0);
+}
+
+/* The stripe: m new tokens of each of the first `lanes` lanes (tokens (lanes, m), token
+   numbers pos.., written at cache rows at..at+m-1, the window's rows before them kept), all
+   layers, then the context state (lanes, ds) of each lane's last token. Returns 0, or -1
+   when out of memory. */
+static int context_step(const Net *net, Cache *cache, int32_t lanes, int32_t m, const int32_t *tokens,
+                        int64_t pos, int32_t at, double *states, int portable) {
+    const int d = net->d, H = net->n_heads, KV = net->kv_heads, hd = d / H, group = H / KV;
+    const int n = lanes * m, hidden = net->hidden, qkv_out = d + 2 * KV * hd;
+    const int wide = hidden > qkv_out ? hidden : qkv_out, capacity = cache->capacity;
+    double *h = malloc(sizeof(double) * n * d), *a = malloc(sizeof(double) * n * wide);
+    double *att = malloc(sizeof(double) * n * d), *scales = malloc(sizeof(double) * n * (H + 2 * KV));
+    double *logits = malloc(sizeof(double) * (at + m)), *cos_ = malloc(sizeof(double) * m * hd);
+    int8_t *q = malloc((size_t)n * wide);
+    int32_t *acc = malloc(sizeof(int32_t) * hd);
+    uint8_t *work = malloc((size_t)n * wide * 5 + 64);
+    int status = (h && a && att && scales && logits && cos_ && q && acc && work) ? 0 : -1;
+    if (status) goto done;
+    double *sin_ = cos_ + m * hd / 2;
+    for (int i = 0; i < m; i++)
+        for (int j = 0; j < hd / 2; j++)
+            sin_cos((double)(pos + i) * exp_neg(-((double)j / (hd / 2)) * LN_10000),
+                    sin_ + i * hd / 2 + j, cos_ + i * hd / 2 + j);
+    for (int r = 0; r < n; r++)
+        memcpy(h + (size_t)r * d, net->embedding + (size_t)tokens[r] * d, sizeof(double) * d);
+    for (int layer = 0; layer < net->n_layers; layer++) {
+        const Layer *L = net->layers + layer;
+        int local = layer < net->local_layers;
+        int reach = local ? (net->window < net->local_window - 1 ? net->window : net->local_window - 1) : net->window;
+        int lo = at - reach > 0 ? at - reach : 0;
+        size_t block = (size_t)layer * cache->lanes * KV * capacity;
+        layer_norm(h, n, d, L->ln1_weight, L->ln1_bias, a);
+        int8_rows(a, n, d, q, scales);
+        linear(&L->qkv, d, qkv_out, q, scales, n, a, 0, work, portable);           /* a: (n, heads q k v, hd) */
+        for (int r = 0; r < n; r++) {
+            double *row = a + (size_t)r * qkv_out;
+            int i = r % m;
+            for (int head = 0; head < H + KV; head++)
+                rotate(row + head * hd, hd, cos_ + i * hd / 2, sin_ + i * hd / 2);
+            for (int kv = 0; kv < KV; kv++) {                    /* the new keys and values: into the cache */
+                size_t at_row = block + ((size_t)(r / m) * KV + kv) * capacity + at + i;
+                int8_rows(row + (H + kv) * hd, 1, hd, cache->keys + at_row * hd, cache->key_scales + at_row);
+                int8_rows(row + (H + KV + kv) * hd, 1, hd, cache->values + at_row * hd, cache->value_scales + at_row);
+            }
+            int8_rows(row, H, hd, q + (size_t)r * d, scales + (size_t)r * H);
+        }
+        for (int r = 0; r < n; r++) {
+            int i = r % m, last = at + i;
+            int first = local && last - (net->local_window - 1) > lo ? last - (net->local_window - 1) : lo;
+            for (int head = 0; head < H; head++) {
+                size_t base = block + ((size_t)(r / m) * KV + head / group) * capacity;
+                attend(q + (size_t)r * d + head * hd, scales[(size_t)r * H + head],
+                       cache->keys + base * hd, cache->key_scales + base,
+                       cache->values + base * hd, cache->value_scales + base,
+                       first, last, hd, logits, acc, att + (size_t)r * d + head * hd);
+            }
+        }
+        int8_rows(att, n, d, q, scales);
+        linear(&L->proj, d, d, q, scales, n, h, 1, work, portable);
+        layer_norm(h, n, d, L->ln2_weight, L->ln2_bias, a);
+        int8_rows(a, n, d, q, scales);
+        linear(&L->fc1, d, hidden, q, scales, n, a, 0, work, portable);
+        for (size_t j = 0; j < (size_t)n * hidden; j++)            /* GELU: x Phi(x) */
+            a[j] = (erf_as(a[j] * 0.70710678118654752440) + 1.0) * a[j] * 0.5;
+        int8_rows(a, n, hidden, q, scales);
+        linear(&L->fc2, hidden, d, q, scales, n, h, 1, work, portable);
+    }
+    for (int l = 0; l < lanes; l++)                                 /* each lane's last token */
+        layer_norm(h + ((size_t)l * m + m - 1) * d, 1, d, net->ln_weight, net->ln_bias, a + (size_t)l * d);
+    int8_rows(a, lanes, d, q, scales);
+    linear(&net->out, d, net->ds, q, scales, lanes, states, 0, work, portable);
+done:
+    free(h); free(a); free(att); free(scales); free(logits); free(cos_); free(q); free(acc); free(work);
+    return status;
+}
+
+/* The stripe's entry point: context_step compiled for AVX-512 where the CPU has it, for the
+   baseline instruction set otherwise (portable != 0 forces the baseline build and the plain
+   integer products: the tests compare the two, bit for bit). */
+#ifdef HAVE_VNNI_PATH
+__attribute__((flatten, target("arch=x86-64-v4")))
+static int context_step_avx512(const Net *net, Cache *cache, int32_t lanes, int32_t m, const int32_t *tokens,
+                               int64_t pos, int32_t at, double *states) {
+    return context_step(net, cache, lanes, m, tokens, pos, at, states, 0);
+}
+#endif
+
+__attribute__((flatten))
+static int context_step_baseline(const Net *net, Cache *cache, int32_t lanes, int32_t m, const int32_t *tokens,
+                                 int64_t pos, int32_t at, double *states, int portable) {
+    return context_step(net, cache, lanes, m, tokens, pos, at, states, portable);
+}
+
+int bfn_context_step(const Net *net, Cache *cache, int32_t lanes, int32_t m, const int32_t *tokens,
+                     int64_t pos, int32_t at, double *states, int32_t portable) {
+#ifdef HAVE_VNNI_PATH
+    if (!portable && avx512()) return context_step_avx512(net, cache, lanes, m, tokens, pos, at, states);
+#endif
+    return context_step_baseline(net, cache, lanes, m, tokens, pos, at, states, portable);
+}

@@ -1,0 +1,127 @@
+"""The context network at coding time in compiled code (format 7 on): `_context.c` runs a whole
+stripe (all layers, all lanes) in one call, where exact.py's torch version runs about 500
+operations.
+
+Its arithmetic is exact.py's int8 grids with every other operation defined in the C file from
++, -, *, /, sqrt and rint (its own exp, erf, sin and cos; sums in index order), so the states
+are the same bits on every IEEE-754 machine, whatever its math library, SIMD width or thread
+count. GELU uses an erf with an absolute error below 1.5e-7, far below the int8 grids' steps.
+"""
+import ctypes
+import importlib.machinery
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import ModelError
+from .exact import int8_rows
+from .sar import BOS
+
+_LIB = None
+
+
+def library():
+    """The compiled kernel (built by `pip install`), loaded once."""
+    global _LIB
+    if _LIB is None:
+        here = Path(__file__).parent
+        found = [p for suffix in importlib.machinery.EXTENSION_SUFFIXES for p in here.glob("_context" + suffix)]
+        if not found:
+            raise ModelError("the compiled context kernel (bfn_codec/_context.c) is not built: "
+                             "reinstall the package with a C compiler (pip install -e .)")
+        _LIB = ctypes.CDLL(str(found[0]))
+        _LIB.bfn_context_step.restype = ctypes.c_int
+        _LIB.bfn_context_step.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32,
+                                          ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p,
+                                          ctypes.c_int32]
+    return _LIB
+
+
+P = ctypes.c_void_p
+
+
+class _Linear(ctypes.Structure):
+    _fields_ = [("weight", P), ("scale", P), ("bias", P), ("packed", P), ("offset", P)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("ln1_weight", P), ("ln1_bias", P), ("ln2_weight", P), ("ln2_bias", P),
+                ("qkv", _Linear), ("proj", _Linear), ("fc1", _Linear), ("fc2", _Linear)]
+
+
+class _Net(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_int32) for name in ("d", "n_heads", "kv_heads", "n_layers", "local_layers",
+                                                    "local_window", "window", "hidden", "ds")] + \
+               [("embedding", P), ("layers", P), ("ln_weight", P), ("ln_bias", P), ("out", _Linear)]
+
+
+class _Cache(ctypes.Structure):
+    _fields_ = [("keys", P), ("values", P), ("key_scales", P), ("value_scales", P),
+                ("lanes", ctypes.c_int32), ("capacity", ctypes.c_int32)]
+
+
+class CompiledContext:
+    """sar.ContextCache's interface (`advance(previous_chunks)` -> the next stripe's context
+    states (lanes, 1, ds)) over the compiled kernel: keys and values of the last `context_len`
+    tokens of every lane, as int8 rows with their scales, compacted every SLACK tokens."""
+
+    SLACK = 256
+
+    def __init__(self, net, portable=False):
+        cfg = net.cfg
+        self.portable = portable            # the kernel's baseline build and plain products (tests)
+        self.keep = []                      # the arrays the kernel reads (ctypes holds bare pointers)
+        self.W, self.ds = cfg.context_len, cfg.step_d_model
+        self.shape = (cfg.n_layers, cfg.kv_heads or cfg.n_heads, cfg.d_model // cfg.n_heads)
+        self.capacity = cfg.context_len + max(self.SLACK, cfg.chunk_len + 1)
+        layers = (_Layer * cfg.n_layers)(*[
+            _Layer(self._array(b.ln1.weight), self._array(b.ln1.bias), self._array(b.ln2.weight),
+                   self._array(b.ln2.bias), self._linear(b.qkv), self._linear(b.proj),
+                   self._linear(b.mlp[0]), self._linear(b.mlp[2])) for b in net.blocks])
+        self.keep.append(layers)
+        self.net = _Net(cfg.d_model, cfg.n_heads, self.shape[1], cfg.n_layers, cfg.local_layers, cfg.local_window,
+                        cfg.context_len, net.blocks[0].mlp[0].out_features, self.ds,
+                        self._array(net.byte_emb.weight), ctypes.cast(layers, P), self._array(net.ln_ctx.weight),
+                        self._array(net.ln_ctx.bias), self._linear(net.ctx_out))
+        self.cache = None
+        self.base = self.pos = 0            # token number of cache row 0; tokens so far
+
+    def _array(self, x, dtype=np.float64):
+        a = np.ascontiguousarray(x.detach().double().numpy() if torch.is_tensor(x) else x, dtype=dtype)
+        self.keep.append(a)
+        return a.ctypes.data
+
+    def _linear(self, linear):
+        """An IntLinear's arrays: int8 weights (one scale per output channel), and for the VNNI
+        product the weights in blocks of 16 outputs by 4 inputs with 128 times their sums."""
+        weight, scale = int8_rows(linear.weight.detach().double())
+        weight = weight.numpy().astype(np.int8)
+        out, inputs = weight.shape
+        packed = offset = None
+        if out % 16 == 0 and inputs % 4 == 0:
+            packed = self._array(weight.reshape(out // 16, 16, inputs // 4, 4).transpose(0, 2, 1, 3), np.int8)
+            offset = self._array(128 * weight.sum(1, dtype=np.int32), np.int32)
+        return _Linear(self._array(weight, np.int8), self._array(scale[:, 0]), self._array(linear.bias), packed, offset)
+
+    def advance(self, previous_chunks):
+        rows = [([] if self.pos else [BOS]) + [int(b) for b in chunk] for chunk in previous_chunks]
+        tokens = np.ascontiguousarray(rows, dtype=np.int32)
+        lanes, m = tokens.shape
+        if self.cache is None:
+            layers, kv, hd = self.shape
+            self.arrays = [np.zeros((layers, lanes, kv, self.capacity) + tail, dtype)
+                           for tail, dtype in (((hd,), np.int8), ((hd,), np.int8), ((), np.float64), ((), np.float64))]
+            self.cache = _Cache(*[a.ctypes.data for a in self.arrays], lanes, self.capacity)
+        if self.pos + m - self.base > self.capacity:      # compact: keep the last W tokens
+            keep, end = min(self.W, self.pos - self.base), self.pos - self.base
+            for a in self.arrays:
+                a[:, :, :, :keep] = a[:, :, :, end - keep:end].copy()
+            self.base = self.pos - keep
+        states = np.empty((lanes, self.ds))
+        if library().bfn_context_step(ctypes.byref(self.net), ctypes.byref(self.cache), lanes, m,
+                                      tokens.ctypes.data, self.pos, self.pos - self.base, states.ctypes.data,
+                                      int(self.portable)):
+            raise MemoryError("the context kernel could not allocate its buffers")
+        self.pos += m
+        return torch.from_numpy(states)[:, None]
