@@ -10,7 +10,8 @@ forced; 76 KB: the 38 lanes of each of alice29.txt's two frames) in each format 
 asked for (default: the one written now; 4 runs the context network in float64, 5 and 6 on
 int8 grids in torch, 7 in the compiled kernel), checks the round trip, and prints KB/s each way with the milliseconds per KB spent
 in the context network (`advance` and `prepare`: once per stripe), the per-step network
-(`forward`: n + 1 calls per chunk) and the rest (the coder, chunking).
+(`forward`, or from format 7 the kernel's `prior` and `log_probs`: n + 1 calls per chunk) and
+the rest (the coder, chunking).
 """
 import argparse
 import time
@@ -48,11 +49,13 @@ def measure(path, kb, steps, version=None, offset=200_000):
     setup = codec.load_setup(path, steps, codec.DEFAULT_BINS, None, version)
     model = setup.predictor.model
     context_class = type(setup.predictor.contexts())      # the format's: torch or compiled
+    step_class = type(setup.predictor.step) if setup.predictor.step is not None else type(model)
     rows = {}
     for direction in ("compress", "decompress"):
         spent = {}
         with timed(context_class, "advance", spent), timed(type(model), "prepare", spent), \
-                timed(type(model), "forward", spent):
+                timed(type(model), "forward", spent), timed(step_class, "prior", spent), \
+                timed(step_class, "log_probs", spent):
             t0 = time.perf_counter()
             if direction == "compress":
                 frame = codec.encode_frame(data, setup.predictor, setup.schedule, setup.lane_rule, fallback=False)
@@ -125,7 +128,8 @@ def main():
             steps = args.steps or codec.default_steps(load_weights(path)[0])
             fp, params, lanes, bpb, rows = measure(path, args.kb, steps, version)
             for direction, (total, spent) in rows.items():
-                ctx, step = spent.get("advance", 0.0) + spent.get("prepare", 0.0), spent.get("forward", 0.0)
+                ctx = spent.get("advance", 0.0) + spent.get("prepare", 0.0)
+                step = spent.get("forward", 0.0) + spent.get("prior", 0.0) + spent.get("log_probs", 0.0)
                 print(f"| {Path(path).name} ({fp}) | {params:,} | {version or 'now'} | {lanes} | {bpb:.3f} | "
                       f"{direction} | {args.kb / total:.2f} | {1000 * ctx / args.kb:.0f} | "
                       f"{1000 * step / args.kb:.0f} | {1000 * (total - ctx - step) / args.kb:.0f} |")

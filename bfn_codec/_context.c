@@ -229,10 +229,8 @@ static void attend(const int8_t *q, double q_scale, const int8_t *keys, const do
         if (l > mx) mx = l;
         if (value_scales[s] > top) top = value_scales[s];
     }
-    for (int s = lo; s <= last; s++) {
-        logits[s - lo] = exp_neg(logits[s - lo] - mx);
-        sum += logits[s - lo];
-    }
+    for (int s = lo; s <= last; s++) logits[s - lo] = exp_neg(logits[s - lo] - mx);
+    for (int s = lo; s <= last; s++) sum += logits[s - lo];
     memset(acc, 0, sizeof(int32_t) * hd);
     for (int s = lo; s <= last; s++) {
         int32_t w = (int32_t)rint(logits[s - lo] / sum * (value_scales[s] / top * 65536.0));
@@ -317,6 +315,167 @@ done:
     return status;
 }
 
+/* ---- the per-step network (sar.SARNet.forward for one-byte chunks) in float64 ----
+   A dense layer's sums run over its inputs in index order, one sum per output: vectorised
+   across outputs, the same bits on every machine. */
+
+typedef struct {
+    const double *weight_t;   /* (in, out) */
+    const double *bias;       /* (out,) or NULL */
+} Dense;
+
+typedef struct {
+    const double *ln1_weight, *ln1_bias, *ln2_weight, *ln2_bias;
+    Dense value, proj, fc1, fc2;
+} StepLayer;
+
+typedef struct {
+    int32_t V, ds, n_layers, hidden, residual;
+    Dense bits_in, soft_emb, time_in, time_out, prior, head;
+    const double *position;               /* pos_emb[0] (ds,) */
+    const StepLayer *layers;
+    const double *ln_weight, *ln_bias;    /* ln_out */
+} StepNet;
+
+/* y (n, out) = x (n, in) W + bias; add: y += that. Each output's sum runs over k in order from
+   0.0 and the bias comes last, in both loops below (the same bits): the blocked one keeps
+   4 rows by 32 outputs in registers for outputs in multiples of 32. */
+#define ROWS 4
+#define COLS 32
+static void dense(const Dense *f, int in, int out, const double *x, int n, double *y, int add) {
+    for (int o0 = 0; o0 < out; o0 += COLS) {
+        int blocked = out % COLS == 0;
+        for (int r0 = 0; r0 < n; r0 += blocked ? ROWS : 1) {
+            if (blocked) {
+                double acc[ROWS][COLS] = {{0.0}};
+                const double *xr[ROWS];
+                for (int r = 0; r < ROWS; r++) xr[r] = x + (size_t)(r0 + r < n ? r0 + r : r0) * in;
+                for (int k = 0; k < in; k++) {
+                    const double *w = f->weight_t + (size_t)k * out + o0;
+                    for (int r = 0; r < ROWS; r++) {
+                        const double xk = xr[r][k];
+                        for (int o = 0; o < COLS; o++) acc[r][o] += xk * w[o];
+                    }
+                }
+                for (int r = 0; r < ROWS && r0 + r < n; r++)
+                    for (int o = 0; o < COLS; o++) {
+                        double v = f->bias ? acc[r][o] + f->bias[o0 + o] : acc[r][o];
+                        double *dst = y + (size_t)(r0 + r) * out + o0 + o;
+                        *dst = add ? *dst + v : v;
+                    }
+            } else {
+                int width = out - o0 < COLS ? out - o0 : COLS;
+                double acc[COLS] = {0.0};
+                for (int k = 0; k < in; k++) {
+                    const double xk = x[(size_t)r0 * in + k], *w = f->weight_t + (size_t)k * out + o0;
+                    for (int o = 0; o < width; o++) acc[o] += xk * w[o];
+                }
+                for (int o = 0; o < width; o++) {
+                    double v = f->bias ? acc[o] + f->bias[o0 + o] : acc[o];
+                    double *dst = y + (size_t)r0 * out + o0 + o;
+                    *dst = add ? *dst + v : v;
+                }
+            }
+        }
+    }
+}
+
+static inline double gelu(double x) {
+    return (erf_as(x * 0.70710678118654752440) + 1.0) * x * 0.5;
+}
+
+/* log x for x >= 1 (a softmax's sum): x = 2^k m, m in [sqrt(1/2), sqrt(2)), log m = 2 atanh(s),
+   s = (m - 1) / (m + 1), by its series to s^23. */
+static double log_ge1(double x) {
+    int k;
+    double m = frexp(x, &k);              /* x = m 2^k, m in [1/2, 1): exact */
+    if (m < 0.70710678118654752440) { m *= 2.0; k -= 1; }
+    double s = (m - 1.0) / (m + 1.0), s2 = s * s, p = 0.0;
+    for (int i = 11; i >= 0; i--) p = p * s2 + 1.0 / (2 * i + 1);
+    return (k * LN2_HI + 2.0 * s * p) + k * LN2_LO;
+}
+
+/* x (n,) -> x - max - log sum exp(x - max), the sum in index order. */
+static void log_softmax(double *x, int n) {
+    double mx = x[0], sum = 0.0;
+    for (int i = 1; i < n; i++) if (x[i] > mx) mx = x[i];
+    double e[n];
+    for (int i = 0; i < n; i++) e[i] = exp_neg(x[i] - mx);
+    for (int i = 0; i < n; i++) sum += e[i];
+    double norm = mx + log_ge1(sum);
+    for (int i = 0; i < n; i++) x[i] -= norm;
+}
+
+/* The chunk's t = 0 prediction, read from the context state alone: prior (lanes, 256). */
+int bfn_step_prior(const StepNet *net, int32_t lanes, const double *states, double *prior) {
+    dense(&net->prior, net->ds, 256, states, lanes, prior, 0);
+    return 0;
+}
+
+/* log p_O (lanes, 256) of one-byte chunks at time t: beliefs (lanes, V) are the bits' logits.
+   Returns 0, or -1 when out of memory. */
+static int step(const StepNet *net, int32_t lanes, const double *states, const double *prior,
+                const double *beliefs, double t, double *log_p) {
+    const int V = net->V, ds = net->ds, hidden = net->hidden, n = lanes;
+    double features[32], time_hidden[ds], time_state[ds];
+    double *e = malloc(sizeof(double) * n * 256), *p = malloc(sizeof(double) * n * 256);
+    double *bits = malloc(sizeof(double) * n * V), *h = malloc(sizeof(double) * n * ds);
+    double *a = malloc(sizeof(double) * n * ds), *v = malloc(sizeof(double) * n * ds);
+    double *hid = malloc(sizeof(double) * n * hidden);
+    int status = (e && p && bits && h && a && v && hid) ? 0 : -1;
+    if (status) goto done;
+    for (int j = 0; j < 16; j++)            /* layers.time_features: pi 2^j / 16, pi in float32 as there */
+        sin_cos(t * (3.14159274101257324219 * (double)(1 << j) / 16.0), features + j, features + 16 + j);
+    dense(&net->time_in, 32, ds, features, 1, time_hidden, 0);
+    for (int j = 0; j < ds; j++) time_hidden[j] = gelu(time_hidden[j]);
+    dense(&net->time_out, ds, ds, time_hidden, 1, time_state, 0);
+    for (int l = 0; l < n; l++) {
+        const double *s = beliefs + (size_t)l * V;
+        double *el = e + (size_t)l * 256, *pl = p + (size_t)l * 256;
+        el[0] = 0.0;                         /* the flow's evidence for every byte: its set bits' logits */
+        for (int d = 0, size = 1; d < V; d++, size *= 2)     /* summed, most significant first */
+            for (int b = size - 1; b >= 0; b--) {
+                el[2 * b + 1] = el[b] + s[d];
+                el[2 * b] = el[b];
+            }
+        double mx = el[0], total = 0.0;      /* the soft embedding's weights: softmax of the evidence */
+        for (int b = 1; b < 256; b++) if (el[b] > mx) mx = el[b];
+        for (int b = 0; b < 256; b++) pl[b] = exp_neg(el[b] - mx);
+        for (int b = 0; b < 256; b++) total += pl[b];
+        for (int b = 0; b < 256; b++) pl[b] /= total;
+        for (int d = 0; d < V; d++) {       /* 2 theta - 1, theta = sigmoid(s) */
+            double z = exp_neg(-fabs(s[d]));
+            bits[(size_t)l * V + d] = 2.0 * (s[d] >= 0 ? 1.0 / (1.0 + z) : z / (1.0 + z)) - 1.0;
+        }
+    }
+    dense(&net->bits_in, V, ds, bits, n, h, 0);
+    dense(&net->soft_emb, 256, ds, p, n, h, 1);
+    for (int l = 0; l < n; l++)
+        for (int j = 0; j < ds; j++)
+            h[(size_t)l * ds + j] = (h[(size_t)l * ds + j] + net->position[j]) + (states[(size_t)l * ds + j] + time_state[j]);
+    for (int i = 0; i < net->n_layers; i++) {      /* layers.Block.alone */
+        const StepLayer *L = net->layers + i;
+        layer_norm(h, n, ds, L->ln1_weight, L->ln1_bias, a);
+        dense(&L->value, ds, ds, a, n, v, 0);
+        dense(&L->proj, ds, ds, v, n, h, 1);
+        layer_norm(h, n, ds, L->ln2_weight, L->ln2_bias, a);
+        dense(&L->fc1, ds, hidden, a, n, hid, 0);
+        for (size_t j = 0; j < (size_t)n * hidden; j++) hid[j] = gelu(hid[j]);
+        dense(&L->fc2, hidden, ds, hid, n, h, 1);
+    }
+    layer_norm(h, n, ds, net->ln_weight, net->ln_bias, a);
+    dense(&net->head, ds, 256, a, n, log_p, 0);
+    for (int l = 0; l < n; l++) {
+        double *out = log_p + (size_t)l * 256;
+        for (int b = 0; b < 256; b++)
+            out[b] = (net->residual ? e[(size_t)l * 256 + b] + out[b] : out[b]) + prior[(size_t)l * 256 + b];
+        log_softmax(out, 256);
+    }
+done:
+    free(e); free(p); free(bits); free(h); free(a); free(v); free(hid);
+    return status;
+}
+
 /* The stripe's entry point: context_step compiled for AVX-512 where the CPU has it, for the
    baseline instruction set otherwise (portable != 0 forces the baseline build and the plain
    integer products: the tests compare the two, bit for bit). */
@@ -340,4 +499,50 @@ int bfn_context_step(const Net *net, Cache *cache, int32_t lanes, int32_t m, con
     if (!portable && avx512()) return context_step_avx512(net, cache, lanes, m, tokens, pos, at, states);
 #endif
     return context_step_baseline(net, cache, lanes, m, tokens, pos, at, states, portable);
+}
+
+#ifdef HAVE_VNNI_PATH
+__attribute__((flatten, target("arch=x86-64-v4")))
+static int step_avx512(const StepNet *net, int32_t lanes, const double *states, const double *prior,
+                       const double *beliefs, double t, double *log_p) {
+    return step(net, lanes, states, prior, beliefs, t, log_p);
+}
+#endif
+
+__attribute__((flatten))
+static int step_baseline(const StepNet *net, int32_t lanes, const double *states, const double *prior,
+                         const double *beliefs, double t, double *log_p) {
+    return step(net, lanes, states, prior, beliefs, t, log_p);
+}
+
+int bfn_step(const StepNet *net, int32_t lanes, const double *states, const double *prior,
+             const double *beliefs, double t, double *log_p, int32_t portable) {
+#ifdef HAVE_VNNI_PATH
+    if (!portable && avx512()) return step_avx512(net, lanes, states, prior, beliefs, t, log_p);
+#endif
+    return step_baseline(net, lanes, states, prior, beliefs, t, log_p);
+}
+
+/* What the tests check the elementary functions with: y = f(x) for f 0: exp (x <= 0), 1: erf,
+   2: sin, 3: cos (x >= 0), 4: log (x >= 1). */
+void bfn_elementary(int32_t which, const double *x, double *y, int32_t n) {
+    for (int i = 0; i < n; i++) {
+        double s, c;
+        switch (which) {
+            case 0: y[i] = exp_neg(x[i]); break;
+            case 1: y[i] = erf_as(x[i]); break;
+            case 2: sin_cos(x[i], &s, &c); y[i] = s; break;
+            case 3: sin_cos(x[i], &s, &c); y[i] = c; break;
+            default: y[i] = log_ge1(x[i]); break;
+        }
+    }
+}
+
+/* The instruction sets the kernel uses here: 0 the baseline, 1 AVX-512, 2 AVX-512 with VNNI. */
+int32_t bfn_kernel_isa(void) {
+#ifdef HAVE_VNNI_PATH
+    return avx512() ? 1 + vnni() : 0;
+#else
+    return 0;
+#endif
 }

@@ -19,6 +19,8 @@ from .exact import int8_rows
 from .sar import BOS
 
 _LIB = None
+P = ctypes.c_void_p
+ISA = ("baseline", "AVX-512", "AVX-512 VNNI")      # bfn_kernel_isa's answers
 
 
 def library():
@@ -32,13 +34,14 @@ def library():
                              "reinstall the package with a C compiler (pip install -e .)")
         _LIB = ctypes.CDLL(str(found[0]))
         _LIB.bfn_context_step.restype = ctypes.c_int
-        _LIB.bfn_context_step.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32,
-                                          ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p,
-                                          ctypes.c_int32]
+        _LIB.bfn_context_step.argtypes = [P, P, ctypes.c_int32, ctypes.c_int32, P, ctypes.c_int64, ctypes.c_int32,
+                                          P, ctypes.c_int32]
+        _LIB.bfn_step_prior.argtypes = [P, ctypes.c_int32, P, P]
+        _LIB.bfn_step.argtypes = [P, ctypes.c_int32, P, P, P, ctypes.c_double, P, ctypes.c_int32]
+        _LIB.bfn_elementary.argtypes = [ctypes.c_int32, P, P, ctypes.c_int32]
+        _LIB.bfn_elementary.restype = None
+        _LIB.bfn_kernel_isa.restype = ctypes.c_int32
     return _LIB
-
-
-P = ctypes.c_void_p
 
 
 class _Linear(ctypes.Structure):
@@ -61,7 +64,79 @@ class _Cache(ctypes.Structure):
                 ("lanes", ctypes.c_int32), ("capacity", ctypes.c_int32)]
 
 
-class CompiledContext:
+class _Dense(ctypes.Structure):
+    _fields_ = [("weight_t", P), ("bias", P)]
+
+
+class _StepLayer(ctypes.Structure):
+    _fields_ = [("ln1_weight", P), ("ln1_bias", P), ("ln2_weight", P), ("ln2_bias", P),
+                ("value", _Dense), ("proj", _Dense), ("fc1", _Dense), ("fc2", _Dense)]
+
+
+class _StepNet(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_int32) for name in ("V", "ds", "n_layers", "hidden", "residual")] + \
+               [(name, _Dense) for name in ("bits_in", "soft_emb", "time_in", "time_out", "prior", "head")] + \
+               [("position", P), ("layers", P), ("ln_weight", P), ("ln_bias", P)]
+
+
+class _Arrays:
+    """Contiguous copies of a network's tensors for the kernel, kept alive with it (ctypes
+    holds bare pointers)."""
+
+    def __init__(self):
+        self.keep = []
+
+    def array(self, x, dtype=np.float64):
+        a = np.ascontiguousarray(x.detach().double().numpy() if torch.is_tensor(x) else x, dtype=dtype)
+        self.keep.append(a)
+        return a.ctypes.data
+
+    def dense(self, weight, bias=None):
+        """A float64 layer: weight (out, in) stored as (in, out)."""
+        return _Dense(self.array(weight.detach().double().t()), None if bias is None else self.array(bias))
+
+
+class CompiledStep(_Arrays):
+    """The per-step network of one-byte chunks (sar.SARNet.forward with L = 1) in the kernel:
+    `prior(states)` once per stripe, then `log_probs(states, prior, beliefs, t)` -> log p_O
+    (lanes, 256) at each step. Float64 throughout, each sum in index order."""
+
+    def __init__(self, net, portable=False):
+        super().__init__()
+        cfg, self.portable, self.V = net.cfg, portable, net.cfg.V
+        if cfg.output != "bytes" or not cfg.step_layers:
+            raise ValueError("the compiled per-step network takes a joint byte output and step layers")
+        ds = cfg.step_d_model
+        blocks = [b for b in net.step_blocks]
+        layers = (_StepLayer * len(blocks))(*[
+            _StepLayer(self.array(b.ln1.weight), self.array(b.ln1.bias), self.array(b.ln2.weight),
+                       self.array(b.ln2.bias), self.dense(b.qkv.weight[2 * ds:], b.qkv.bias[2 * ds:]),
+                       self.dense(b.proj.weight, b.proj.bias), self.dense(b.mlp[0].weight, b.mlp[0].bias),
+                       self.dense(b.mlp[2].weight, b.mlp[2].bias)) for b in blocks])
+        self.keep.append(layers)
+        self.net = _StepNet(cfg.V, ds, len(blocks), blocks[0].mlp[0].out_features, int(cfg.residual),
+                            self.dense(net.bits_in.weight, net.bits_in.bias), self.dense(net.soft_emb.weight),
+                            self.dense(net.time_mlp[0].weight, net.time_mlp[0].bias),
+                            self.dense(net.time_mlp[2].weight, net.time_mlp[2].bias),
+                            self.dense(net.prior.weight[:256], net.prior.bias[:256]),
+                            self.dense(net.head.weight, net.head.bias), self.array(net.pos_emb.weight[0]),
+                            ctypes.cast(layers, P), self.array(net.ln_out.weight), self.array(net.ln_out.bias))
+
+    def prior(self, states):
+        states = np.ascontiguousarray(states, dtype=np.float64)
+        prior = np.empty((len(states), 256))
+        library().bfn_step_prior(ctypes.byref(self.net), len(states), states.ctypes.data, prior.ctypes.data)
+        return states, prior
+
+    def log_probs(self, states, prior, beliefs, t):
+        beliefs = np.ascontiguousarray(beliefs, dtype=np.float64)
+        log_p = np.empty((len(states), 256))
+        library().bfn_step(ctypes.byref(self.net), len(states), states.ctypes.data, prior.ctypes.data,
+                           beliefs.ctypes.data, float(t), log_p.ctypes.data, int(self.portable))
+        return log_p
+
+
+class CompiledContext(_Arrays):
     """sar.ContextCache's interface (`advance(previous_chunks)` -> the next stripe's context
     states (lanes, 1, ds)) over the compiled kernel: keys and values of the last `context_len`
     tokens of every lane, as int8 rows with their scales, compacted every SLACK tokens."""
@@ -69,28 +144,23 @@ class CompiledContext:
     SLACK = 256
 
     def __init__(self, net, portable=False):
+        super().__init__()
         cfg = net.cfg
         self.portable = portable            # the kernel's baseline build and plain products (tests)
-        self.keep = []                      # the arrays the kernel reads (ctypes holds bare pointers)
         self.W, self.ds = cfg.context_len, cfg.step_d_model
         self.shape = (cfg.n_layers, cfg.kv_heads or cfg.n_heads, cfg.d_model // cfg.n_heads)
         self.capacity = cfg.context_len + max(self.SLACK, cfg.chunk_len + 1)
         layers = (_Layer * cfg.n_layers)(*[
-            _Layer(self._array(b.ln1.weight), self._array(b.ln1.bias), self._array(b.ln2.weight),
-                   self._array(b.ln2.bias), self._linear(b.qkv), self._linear(b.proj),
+            _Layer(self.array(b.ln1.weight), self.array(b.ln1.bias), self.array(b.ln2.weight),
+                   self.array(b.ln2.bias), self._linear(b.qkv), self._linear(b.proj),
                    self._linear(b.mlp[0]), self._linear(b.mlp[2])) for b in net.blocks])
         self.keep.append(layers)
         self.net = _Net(cfg.d_model, cfg.n_heads, self.shape[1], cfg.n_layers, cfg.local_layers, cfg.local_window,
                         cfg.context_len, net.blocks[0].mlp[0].out_features, self.ds,
-                        self._array(net.byte_emb.weight), ctypes.cast(layers, P), self._array(net.ln_ctx.weight),
-                        self._array(net.ln_ctx.bias), self._linear(net.ctx_out))
+                        self.array(net.byte_emb.weight), ctypes.cast(layers, P), self.array(net.ln_ctx.weight),
+                        self.array(net.ln_ctx.bias), self._linear(net.ctx_out))
         self.cache = None
         self.base = self.pos = 0            # token number of cache row 0; tokens so far
-
-    def _array(self, x, dtype=np.float64):
-        a = np.ascontiguousarray(x.detach().double().numpy() if torch.is_tensor(x) else x, dtype=dtype)
-        self.keep.append(a)
-        return a.ctypes.data
 
     def _linear(self, linear):
         """An IntLinear's arrays: int8 weights (one scale per output channel), and for the VNNI
@@ -100,9 +170,9 @@ class CompiledContext:
         out, inputs = weight.shape
         packed = offset = None
         if out % 16 == 0 and inputs % 4 == 0:
-            packed = self._array(weight.reshape(out // 16, 16, inputs // 4, 4).transpose(0, 2, 1, 3), np.int8)
-            offset = self._array(128 * weight.sum(1, dtype=np.int32), np.int32)
-        return _Linear(self._array(weight, np.int8), self._array(scale[:, 0]), self._array(linear.bias), packed, offset)
+            packed = self.array(weight.reshape(out // 16, 16, inputs // 4, 4).transpose(0, 2, 1, 3), np.int8)
+            offset = self.array(128 * weight.sum(1, dtype=np.int32), np.int32)
+        return _Linear(self.array(weight, np.int8), self.array(scale[:, 0]), self.array(linear.bias), packed, offset)
 
     def advance(self, previous_chunks):
         rows = [([] if self.pos else [BOS]) + [int(b) for b in chunk] for chunk in previous_chunks]
@@ -125,3 +195,16 @@ class CompiledContext:
             raise MemoryError("the context kernel could not allocate its buffers")
         self.pos += m
         return torch.from_numpy(states)[:, None]
+
+
+def elementary(name, x):
+    """The kernel's own exp (x <= 0), erf, sin, cos (x >= 0) or log (x >= 1) of the array x."""
+    x = np.ascontiguousarray(x, dtype=np.float64)
+    y = np.empty_like(x)
+    library().bfn_elementary(("exp", "erf", "sin", "cos", "log").index(name), x.ctypes.data, y.ctypes.data, len(x))
+    return y
+
+
+def isa():
+    """Which instruction sets the kernel uses on this machine (the bits are the same on all)."""
+    return ISA[library().bfn_kernel_isa()]

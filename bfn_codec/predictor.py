@@ -1,6 +1,7 @@
 """The network as the coder sees it: one thread, the context network on int8 grids (format 5
-on, compiled from 7; float64 before), the per-step network in float64, outputs on a fixed grid, and the
-coder's family for the file's format (coder.JointBytes from format 6 on).
+on, compiled from 7; float64 before), the per-step network in float64 (compiled from 7 for
+one-byte chunks), outputs on a fixed grid, and the coder's family for the file's format
+(coder.JointBytes from format 6 on).
 
 The coding path's network side (with coder.Schedule and coder.kl_bits, which import torch
 when they run); codec.py imports it when a frame needs the model, so that files the model
@@ -39,11 +40,19 @@ class Predictor:
             raise FormatError(f"the model codes chunks of {', '.join(map(str, model.chunk_lens))} "
                               f"bytes, not {self.chunk_len}")
         self.family = coder.JointBytes() if version in container.JOINT_BYTES else coder.FAMILIES[model.cfg.output]()
+        self.step = None             # the per-step network of one-byte chunks in the kernel (format 7 on)
+        if self.compiled and self.cfg.step_layers and self.cfg.output == "bytes":
+            from .context import CompiledStep
+            self.step = CompiledStep(model)
 
     def contexts(self):
         return self.model.coding_context(self.integer, self.compiled)
 
     def for_stripe(self, states, lengths):
+        if self.step is not None and all(n == 1 for n in lengths):
+            lane_states, prior = self.step.prior(states[:, 0].numpy())
+            return lambda s, t: self.family.from_network(torch.from_numpy(
+                self.step.log_probs(lane_states, prior, s, t)))
         runs = []                                 # lanes with equal chunk lengths: one network call
         for j, n in enumerate(lengths):
             if runs and runs[-1][2] == n:

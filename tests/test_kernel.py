@@ -1,0 +1,110 @@
+"""The compiled kernel of format 7 (context.py, _context.c): the same bits in its vectorised and
+its portable build, lanes independent of each other, the same network as the torch one, and
+elementary functions accurate to what they claim."""
+import dataclasses
+import importlib.machinery
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from bfn_codec import context
+from bfn_codec.errors import ModelError
+from test_model import SAR, random_sar
+
+# a multi-query context network with a local layer, sizes that take the VNNI products and the
+# blocked float64 layers where the CPU has them; a step width of 16 takes the unblocked ones
+KERNEL = dataclasses.replace(SAR, d_model=64, n_heads=4, kv_heads=1, local_layers=1, local_window=5, chunk_len=2,
+                             context_len=16, step_d_model=32, step_layers=2, step_heads=2)
+NARROW = dataclasses.replace(SAR, chunk_len=2)
+
+
+def kernel_net(cfg=KERNEL):
+    net = random_sar(cfg)
+    torch.nn.init.normal_(net.prior.weight, std=0.1)      # a prior that matters
+    return net
+
+
+def states(net, seq, lanes, chunk=1, **kw):
+    """Context states of the given lanes of seq (rows), stripe by stripe: (lanes, stripes, ds)."""
+    cache = context.CompiledContext(net, **kw)
+    return torch.cat([cache.advance([seq[r, max(0, chunk * (j - 1)):chunk * j].tolist() for r in lanes])
+                      for j in range(seq.shape[1] // chunk)], 1)
+
+
+@pytest.fixture
+def small_slack(monkeypatch):
+    monkeypatch.setattr(context.CompiledContext, "SLACK", 3)     # compact the cache every few tokens
+
+
+@pytest.mark.parametrize("cfg", [KERNEL, NARROW])
+@pytest.mark.parametrize("chunk", [1, 2])
+def test_the_vectorised_and_the_portable_build_give_the_same_bits(cfg, chunk, small_slack):
+    """On a CPU with AVX-512 (and VNNI) the kernel runs other instructions than its baseline
+    build with plain integer products: the context states and the per-step outputs are the
+    same bits all the same, through many cache compactions."""
+    net = kernel_net(cfg)
+    seq = torch.randint(0, 256, (3, 48))
+    fast = states(net, seq, [0, 1, 2], chunk)
+    assert torch.equal(fast, states(net, seq, [0, 1, 2], chunk, portable=True))
+    step, portable = context.CompiledStep(net), context.CompiledStep(net, portable=True)
+    lane_states, prior = step.prior(fast[:, -1].numpy())
+    beliefs = np.random.default_rng(0).normal(0, 4, (3, 8))
+    for t in (0.0, 0.4, 1.0):
+        out = step.log_probs(lane_states, prior, beliefs, t)
+        assert np.array_equal(out, portable.log_probs(lane_states, prior, beliefs, t))
+        assert np.allclose(np.exp(out).sum(1), 1.0)
+
+
+@pytest.mark.parametrize("chunk", [1, 2])
+def test_a_lanes_states_depend_only_on_its_own_bytes(chunk, small_slack):
+    net = kernel_net()
+    seq = torch.randint(0, 256, (3, 40))
+    together = states(net, seq, [0, 1, 2], chunk)
+    assert torch.equal(states(net, seq, [1], chunk), together[1:2])
+    assert torch.equal(states(net, seq, [2, 0], chunk), together[[2, 0]])
+
+
+@pytest.mark.parametrize("cfg", [KERNEL, NARROW])
+def test_the_kernel_computes_the_torch_network(cfg):
+    """The kernel's context states follow the torch network on int8 grids (exact.py) up to
+    the grids' rounding, which the two place at different last bits; its per-step outputs
+    follow the float64 network to the precision of its erf."""
+    net = kernel_net(cfg)
+    seq = torch.randint(0, 256, (4, 40))
+    compiled = states(net, seq, [0, 1, 2, 3])
+    cache = net.coding_context(integer=True)
+    reference = torch.cat([cache.advance([seq[r, max(0, j - 1):j].tolist() for r in range(4)])
+                           for j in range(40)], 1)
+    assert (compiled - reference).abs().mean() < 0.03 * reference.abs().mean()
+    assert (compiled - reference).abs().max() < 0.5 * reference.abs().max()
+    step = context.CompiledStep(net)
+    lane_states, prior = step.prior(reference[:, -1].numpy())
+    beliefs = np.random.default_rng(1).normal(0, 3, (4, 8))
+    z = torch.zeros(4, 1, 1, 8, 2, dtype=torch.float64)
+    z[..., 1] = torch.from_numpy(beliefs).reshape(4, 1, 1, 8)
+    for t in (0.0, 0.5, 1.0):
+        with torch.no_grad():
+            expected = net(z, torch.full((1, 1), t, dtype=torch.float64), reference[:, -1:]).reshape(4, 256)
+        assert np.abs(step.log_probs(lane_states, prior, beliefs, t) - expected.numpy()).max() < 1e-5
+
+
+def test_the_elementary_functions_are_as_accurate_as_they_claim():
+    x = np.concatenate([-np.geomspace(1e-12, 700, 3000), [0.0, -745.0]])
+    exact = np.array([math.exp(max(v, -708.0)) for v in x])
+    assert np.all(np.abs(context.elementary("exp", x) - exact) <= 4e-16 * exact)
+    x = np.linspace(-8, 8, 4001)
+    assert np.abs(context.elementary("erf", x) - np.array([math.erf(v) for v in x])).max() < 1.5e-7
+    x = np.concatenate([np.linspace(0, 10, 2001), np.geomspace(10, 2e5, 2000)])
+    assert np.abs(context.elementary("sin", x) - np.sin(x)).max() < 1e-11
+    assert np.abs(context.elementary("cos", x) - np.cos(x)).max() < 1e-11
+    x = np.geomspace(1, 1e6, 3000)
+    assert np.all(np.abs(context.elementary("log", x) - np.log(x)) <= 4e-16 * np.log(x) + 1e-300)
+
+
+def test_a_missing_kernel_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(context, "_LIB", None)
+    monkeypatch.setattr(importlib.machinery, "EXTENSION_SUFFIXES", [".nowhere"])
+    with pytest.raises(ModelError, match="not built"):
+        context.CompiledContext(kernel_net()).advance([[]])
