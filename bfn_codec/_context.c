@@ -102,15 +102,38 @@ static void sin_cos(double x, double *s, double *c) {
 
 /* ---- pieces of a block ---- */
 
-/* x (n, k) -> int8 rows q and scales: x ~ q scale, scale = max |x| / 127 (at least 1e-30 / 127). */
+static inline uint64_t abs_bits(double x) {     /* of a number (not NaN): ordered as |x| */
+    uint64_t bits;
+    memcpy(&bits, &x, sizeof bits);
+    return bits & 0x7fffffffffffffffULL;
+}
+
+/* A double's bits as an unsigned integer in the order of the numbers (not NaN), and back. */
+static inline uint64_t order_key(double x) {
+    uint64_t bits;
+    memcpy(&bits, &x, sizeof bits);
+    return bits >> 63 ? ~bits : bits | 0x8000000000000000ULL;
+}
+
+static inline double from_order_key(uint64_t key) {
+    uint64_t bits = key >> 63 ? key & 0x7fffffffffffffffULL : ~key;
+    double x;
+    memcpy(&x, &bits, sizeof x);
+    return x;
+}
+
+/* x (n, k) -> int8 rows q and scales: x ~ q scale, q = rint(x (127 / max |x|)), scale = max |x| / 127
+   (max |x| at least 1e-30). */
 static void int8_rows(const double *x, int n, int k, int8_t *q, double *scale) {
     for (int r = 0; r < n; r++) {
         const double *row = x + (size_t)r * k;
-        double top = 1e-30;
-        for (int j = 0; j < k; j++) if (fabs(row[j]) > top) top = fabs(row[j]);
-        double s = top / 127.0;
-        for (int j = 0; j < k; j++) q[(size_t)r * k + j] = (int8_t)rint(row[j] / s);
-        scale[r] = s;
+        uint64_t top_bits = abs_bits(1e-30);     /* the largest |x| as the largest bit pattern: vectorises */
+        for (int j = 0; j < k; j++) { uint64_t b = abs_bits(row[j]); top_bits = b > top_bits ? b : top_bits; }
+        double top;
+        memcpy(&top, &top_bits, sizeof top);
+        double inverse = 127.0 / top;
+        for (int j = 0; j < k; j++) q[(size_t)r * k + j] = (int8_t)rint(row[j] * inverse);
+        scale[r] = top / 127.0;
     }
 }
 
@@ -193,14 +216,25 @@ static void linear(const Linear *f, int in, int out, const int8_t *q, const doub
         }
 }
 
-/* nn.LayerNorm (eps 1e-5): sums in index order. */
+/* sum x_j (j < d) as 8 sums of the j = i mod 8 in index order, added as ((0 + 1) + (2 + 3)) +
+   ((4 + 5) + (6 + 7)): a fixed order that vectorises. */
+static inline double sum8(const double *x, int d) {
+    double part[8] = {0.0};
+    int j = 0;
+    for (; j + 8 <= d; j += 8)
+        for (int i = 0; i < 8; i++) part[i] += x[j + i];
+    for (int i = 0; j < d; j++, i++) part[i] += x[j];
+    return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+}
+
+/* nn.LayerNorm (eps 1e-5); its sums by sum8. */
 static void layer_norm(const double *x, int n, int d, const double *w, const double *b, double *y) {
+    double deviation[d];
     for (int r = 0; r < n; r++) {
         const double *row = x + (size_t)r * d;
-        double sum = 0.0, var = 0.0;
-        for (int j = 0; j < d; j++) sum += row[j];
-        double mean = sum / d;
-        for (int j = 0; j < d; j++) var += (row[j] - mean) * (row[j] - mean);
+        double mean = sum8(row, d) / d;
+        for (int j = 0; j < d; j++) deviation[j] = (row[j] - mean) * (row[j] - mean);
+        double var = sum8(deviation, d);
         double rstd = 1.0 / sqrt(var / d + 1e-5);
         for (int j = 0; j < d; j++) y[(size_t)r * d + j] = (row[j] - mean) * rstd * w[j] + b[j];
     }
@@ -216,28 +250,45 @@ static void rotate(double *x, int hd, const double *cos_, const double *sin_) {
     }
 }
 
-/* One query row (int8 q, scale) over keys lo..last of one lane's key/value head: softmax
-   weights times each value row's scale over the largest, on the grid 2^-16, times the int8
-   values (exact.IntBlock.attend); `local` > 0: only keys less than `local` tokens back. */
-static void attend(const int8_t *q, double q_scale, const int8_t *keys, const double *key_scales,
-                   const int8_t *values, const double *value_scales, int lo, int last, int hd,
-                   double *logits, int32_t *acc, double *out) {
-    double mx = -INFINITY, top = 0.0, sum = 0.0, qs = q_scale * (1.0 / sqrt((double)hd));
-    for (int s = lo; s <= last; s++) {
-        double l = (double)dot8(q, keys + (size_t)s * hd, hd) * qs * key_scales[s];
-        logits[s - lo] = l;
-        if (l > mx) mx = l;
-        if (value_scales[s] > top) top = value_scales[s];
+/* The `group` query rows (int8 q (group, hd), scales) that share one lane's key/value head,
+   over its keys lo..last: softmax weights times each value row's scale over the largest, on
+   the grid 2^-16, times the int8 values (exact.IntBlock.attend); each key and value row is
+   read once for the group. logits: group (last - lo + 1) doubles; acc: group hd floats;
+   out: row g at out + g stride. */
+static void attend(const int8_t *q, const double *q_scales, int group, const int8_t *keys,
+                   const double *key_scales, const int8_t *values, const double *value_scales, int lo,
+                   int last, int hd, double *logits, float *acc, double *out, int stride) {
+    const int S = last - lo + 1;
+    uint64_t top_bits = 0;                   /* the largest value scale (all positive) */
+    for (int s = lo; s <= last; s++) { uint64_t b = abs_bits(value_scales[s]); top_bits = b > top_bits ? b : top_bits; }
+    double top;
+    memcpy(&top, &top_bits, sizeof top);
+    for (int s = lo; s <= last; s++)
+        for (int g = 0; g < group; g++)
+            logits[g * S + s - lo] = (double)dot8(q + g * hd, keys + (size_t)s * hd, hd)
+                                     * (q_scales[g] * (1.0 / sqrt((double)hd))) * key_scales[s];
+    for (int g = 0; g < group; g++) {
+        double *l = logits + g * S, sum = 0.0;
+        uint64_t mx_key = 0;
+        for (int s = 0; s < S; s++) { uint64_t k = order_key(l[s]); mx_key = k > mx_key ? k : mx_key; }
+        double mx = from_order_key(mx_key);
+        for (int s = 0; s < S; s++) l[s] = exp_neg(l[s] - mx);
+        for (int s = 0; s < S; s++) sum += l[s];
+        double grid = 65536.0 / (sum * top);
+        for (int s = 0; s < S; s++) l[s] = rint(l[s] * grid * value_scales[lo + s]);
     }
-    for (int s = lo; s <= last; s++) logits[s - lo] = exp_neg(logits[s - lo] - mx);
-    for (int s = lo; s <= last; s++) sum += logits[s - lo];
-    memset(acc, 0, sizeof(int32_t) * hd);
-    for (int s = lo; s <= last; s++) {
-        int32_t w = (int32_t)rint(logits[s - lo] / sum * (value_scales[s] / top * 65536.0));
-        const int8_t *v = values + (size_t)s * hd;
-        for (int j = 0; j < hd; j++) acc[j] += w * (int32_t)v[j];
+    float row[hd];                           /* integers below 2^24 in float32: exact, as in int32 */
+    memset(acc, 0, sizeof(float) * group * hd);
+    for (int s = 0; s < S; s++) {
+        const int8_t *v = values + (size_t)(lo + s) * hd;
+        for (int j = 0; j < hd; j++) row[j] = (float)v[j];
+        for (int g = 0; g < group; g++) {
+            float w = (float)logits[g * S + s], *a = acc + g * hd;
+            for (int j = 0; j < hd; j++) a[j] += w * row[j];
+        }
     }
-    for (int j = 0; j < hd; j++) out[j] = (double)acc[j] * (top / 65536.0);
+    for (int g = 0; g < group; g++)
+        for (int j = 0; j < hd; j++) out[(size_t)g * stride + j] = (double)acc[g * hd + j] * (top / 65536.0);
 }
 
 /* The stripe: m new tokens of each of the first `lanes` lanes (tokens (lanes, m), token
@@ -251,9 +302,9 @@ static int context_step(const Net *net, Cache *cache, int32_t lanes, int32_t m, 
     const int wide = hidden > qkv_out ? hidden : qkv_out, capacity = cache->capacity;
     double *h = malloc(sizeof(double) * n * d), *a = malloc(sizeof(double) * n * wide);
     double *att = malloc(sizeof(double) * n * d), *scales = malloc(sizeof(double) * n * (H + 2 * KV));
-    double *logits = malloc(sizeof(double) * (at + m)), *cos_ = malloc(sizeof(double) * m * hd);
+    double *logits = malloc(sizeof(double) * group * (at + m)), *cos_ = malloc(sizeof(double) * m * hd);
     int8_t *q = malloc((size_t)n * wide);
-    int32_t *acc = malloc(sizeof(int32_t) * hd);
+    float *acc = malloc(sizeof(float) * group * hd);
     uint8_t *work = malloc((size_t)n * wide * 5 + 64);
     int status = (h && a && att && scales && logits && cos_ && q && acc && work) ? 0 : -1;
     if (status) goto done;
@@ -288,12 +339,12 @@ static int context_step(const Net *net, Cache *cache, int32_t lanes, int32_t m, 
         for (int r = 0; r < n; r++) {
             int i = r % m, last = at + i;
             int first = local && last - (net->local_window - 1) > lo ? last - (net->local_window - 1) : lo;
-            for (int head = 0; head < H; head++) {
-                size_t base = block + ((size_t)(r / m) * KV + head / group) * capacity;
-                attend(q + (size_t)r * d + head * hd, scales[(size_t)r * H + head],
+            for (int kv = 0; kv < KV; kv++) {      /* query heads kv group .. (kv + 1) group - 1 */
+                size_t base = block + ((size_t)(r / m) * KV + kv) * capacity;
+                attend(q + (size_t)r * d + kv * group * hd, scales + (size_t)r * H + kv * group, group,
                        cache->keys + base * hd, cache->key_scales + base,
                        cache->values + base * hd, cache->value_scales + base,
-                       first, last, hd, logits, acc, att + (size_t)r * d + head * hd);
+                       first, last, hd, logits, acc, att + (size_t)r * d + kv * group * hd, hd);
             }
         }
         int8_rows(att, n, d, q, scales);

@@ -146,6 +146,8 @@ class CompiledContext(_Arrays):
     def __init__(self, net, portable=False):
         super().__init__()
         cfg = net.cfg
+        if cfg.context_len > 2 ** 16:       # weights times values: integer sums below 2^24, exact in float32
+            raise ValueError("the compiled context network takes windows of at most 2^16 tokens")
         self.portable = portable            # the kernel's baseline build and plain products (tests)
         self.W, self.ds = cfg.context_len, cfg.step_d_model
         self.shape = (cfg.n_layers, cfg.kv_heads or cfg.n_heads, cfg.d_model // cfg.n_heads)
