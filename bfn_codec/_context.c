@@ -12,10 +12,18 @@ Layout (all row-major): a linear layer is int8 weights (out, in), one double sca
 channel and a double bias; the cache keeps, per layer, lane and key/value head, `capacity`
 rows of int8 keys and values (head_dim each) with one double scale per row.
 */
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#if !defined(FLT_EVAL_METHOD) || FLT_EVAL_METHOD != 0
+#error "the kernel needs double arithmetic in double precision (SSE2 or the like, not x87)"
+#endif
+#pragma STDC FP_CONTRACT OFF
+
+#define KERNEL_VERSION 1      /* context.py checks it: a stale build is an error, not other bits */
 
 typedef struct {
     const int8_t *weight;   /* (out, in) */
@@ -149,6 +157,12 @@ static int32_t dot8(const int8_t *a, const int8_t *b, int k) {
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define HAVE_VNNI_PATH 1
+static inline int32_t load4(const uint8_t *p) {
+    int32_t v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
 __attribute__((target("avx512f,avx512bw,avx512vnni")))
 static void products_vnni(const Linear *f, int in, int out, const int8_t *q, int n, uint8_t *shifted, int32_t *acc) {
     for (size_t j = 0; j < (size_t)n * in; j++) shifted[j] = (uint8_t)(q[j] + 128);
@@ -163,10 +177,10 @@ static void products_vnni(const Linear *f, int in, int out, const int8_t *q, int
             __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
             for (int k = 0; k < in; k += 4) {
                 __m512i wk = _mm512_loadu_si512(w + (size_t)k * 16);
-                a0 = _mm512_dpbusd_epi32(a0, _mm512_set1_epi32(*(const int32_t *)(x[0] + k)), wk);
-                a1 = _mm512_dpbusd_epi32(a1, _mm512_set1_epi32(*(const int32_t *)(x[1] + k)), wk);
-                a2 = _mm512_dpbusd_epi32(a2, _mm512_set1_epi32(*(const int32_t *)(x[2] + k)), wk);
-                a3 = _mm512_dpbusd_epi32(a3, _mm512_set1_epi32(*(const int32_t *)(x[3] + k)), wk);
+                a0 = _mm512_dpbusd_epi32(a0, _mm512_set1_epi32(load4(x[0] + k)), wk);
+                a1 = _mm512_dpbusd_epi32(a1, _mm512_set1_epi32(load4(x[1] + k)), wk);
+                a2 = _mm512_dpbusd_epi32(a2, _mm512_set1_epi32(load4(x[2] + k)), wk);
+                a3 = _mm512_dpbusd_epi32(a3, _mm512_set1_epi32(load4(x[3] + k)), wk);
             }
             __m512i a[4] = {a0, a1, a2, a3};
             for (int i = 0; i < rows; i++)
@@ -299,7 +313,9 @@ static int context_step(const Net *net, Cache *cache, int32_t lanes, int32_t m, 
                         int64_t pos, int32_t at, double *states, int portable) {
     const int d = net->d, H = net->n_heads, KV = net->kv_heads, hd = d / H, group = H / KV;
     const int n = lanes * m, hidden = net->hidden, qkv_out = d + 2 * KV * hd;
-    const int wide = hidden > qkv_out ? hidden : qkv_out, capacity = cache->capacity;
+    int wide = hidden > qkv_out ? hidden : qkv_out;       /* the widest row of any layer here */
+    wide = wide > net->ds ? wide : net->ds;
+    const int capacity = cache->capacity;
     double *h = malloc(sizeof(double) * n * d), *a = malloc(sizeof(double) * n * wide);
     double *att = malloc(sizeof(double) * n * d), *scales = malloc(sizeof(double) * n * (H + 2 * KV));
     double *logits = malloc(sizeof(double) * group * (at + m)), *cos_ = malloc(sizeof(double) * m * hd);
@@ -588,6 +604,8 @@ void bfn_elementary(int32_t which, const double *x, double *y, int32_t n) {
         }
     }
 }
+
+int32_t bfn_kernel_version(void) { return KERNEL_VERSION; }
 
 /* The instruction sets the kernel uses here: 0 the baseline, 1 AVX-512, 2 AVX-512 with VNNI. */
 int32_t bfn_kernel_isa(void) {

@@ -1,11 +1,19 @@
-"""The context network at coding time in compiled code (format 7 on): `_context.c` runs a whole
-stripe (all layers, all lanes) in one call, where exact.py's torch version runs about 500
-operations.
+"""The context network and the per-step network at coding time in compiled code (format 7
+on): `_context.c` runs a whole stripe of the context network (all layers, all lanes) in one
+call, where exact.py's torch version runs about 500 operations, and each step's per-step
+network of one-byte chunks in another (longer chunks keep the torch per-step network).
 
-Its arithmetic is exact.py's int8 grids with every other operation defined in the C file from
-+, -, *, /, sqrt and rint (its own exp, erf, sin and cos; sums in index order), so the states
-are the same bits on every IEEE-754 machine, whatever its math library, SIMD width or thread
-count. GELU uses an erf with an absolute error below 1.5e-7, far below the int8 grids' steps.
+The context network's arithmetic is exact.py's int8 grids (products exact in any order),
+with these definitions: a row's int8 values are rint(x (127 / max |x|)); the attention
+weights' value-scale maximum is taken over the keys each query sees; sums of doubles run in
+index order (layer norms: in 8 interleaved parts, added in a fixed order); exp, erf, sin,
+cos and log are the kernel's own, from +, -, *, /, sqrt and rint. The per-step network is
+float64 with every sum in index order. So the outputs are the same bits on every IEEE-754
+machine, whatever its math library, SIMD width or thread count: the AVX-512 and the portable
+build agree bit for bit (tests/test_kernel.py). GELU uses an erf with an absolute error
+below 1.5e-7, far below the int8 grids' steps. The kernel is checked when loaded: its
+version, and a few of its function values (a build with fused multiply-adds or x87
+arithmetic would compute others).
 """
 import ctypes
 import importlib.machinery
@@ -23,25 +31,52 @@ P = ctypes.c_void_p
 ISA = ("baseline", "AVX-512", "AVX-512 VNNI")      # bfn_kernel_isa's answers
 
 
+KERNEL_VERSION = 1       # _context.c's KERNEL_VERSION: what this code expects
+# a few of the kernel's elementary function values, as every correct build computes them
+SELF_TEST = {"exp": ([-0.3, -7.25], ["0x1.7b4c869c37c05p-1", "0x1.7455fe323fafep-11"]),
+             "erf": ([0.7, -2.1], ["0x1.5b08c1aa86337p-1", "-0x1.fe79750fb9e0dp-1"]),
+             "sin": ([1234.5], ["0x1.29c531dfd031bp-3"]), "cos": ([0.4], ["0x1.d7954e7dba2f8p-1"]),
+             "log": ([3.7], ["0x1.4eeee650ae54fp+0"])}
+REINSTALL = "reinstall the package with a C compiler (pip install -e .)"
+
+
 def library():
-    """The compiled kernel (built by `pip install`), loaded once."""
+    """The compiled kernel (built by `pip install`), loaded once and checked: its version, and
+    that it computes the bits it should (a build with fused multiply-adds or x87 arithmetic
+    would not)."""
     global _LIB
     if _LIB is None:
         here = Path(__file__).parent
         found = [p for suffix in importlib.machinery.EXTENSION_SUFFIXES for p in here.glob("_context" + suffix)]
         if not found:
-            raise ModelError("the compiled context kernel (bfn_codec/_context.c) is not built: "
-                             "reinstall the package with a C compiler (pip install -e .)")
-        _LIB = ctypes.CDLL(str(found[0]))
-        _LIB.bfn_context_step.restype = ctypes.c_int
-        _LIB.bfn_context_step.argtypes = [P, P, ctypes.c_int32, ctypes.c_int32, P, ctypes.c_int64, ctypes.c_int32,
-                                          P, ctypes.c_int32]
-        _LIB.bfn_step_prior.argtypes = [P, ctypes.c_int32, P, P]
-        _LIB.bfn_step.argtypes = [P, ctypes.c_int32, P, P, P, ctypes.c_double, P, ctypes.c_int32]
-        _LIB.bfn_elementary.argtypes = [ctypes.c_int32, P, P, ctypes.c_int32]
-        _LIB.bfn_elementary.restype = None
-        _LIB.bfn_kernel_isa.restype = ctypes.c_int32
+            raise ModelError(f"the compiled context kernel (bfn_codec/_context.c) is not built: {REINSTALL}")
+        lib = ctypes.CDLL(str(found[0]))
+        try:
+            lib.bfn_kernel_version.restype = ctypes.c_int32
+            version = lib.bfn_kernel_version()
+        except AttributeError:
+            version = None
+        if version != KERNEL_VERSION:
+            raise ModelError(f"the compiled context kernel is a stale build ({found[0].name}): {REINSTALL}")
+        _declare(lib)
+        for name, (x, expected) in SELF_TEST.items():
+            if [float(v).hex() for v in _elementary(lib, name, x)] != expected:
+                raise ModelError(f"the compiled context kernel computes other bits than it should ({name}); "
+                                 "it must be built without fused multiply-adds or x87 arithmetic: " + REINSTALL)
+        _LIB = lib
     return _LIB
+
+
+def _declare(lib):
+    """The kernel's functions' argument and result types."""
+    int32 = ctypes.c_int32
+    lib.bfn_context_step.argtypes = [P, P, int32, int32, P, ctypes.c_int64, int32, P, int32]
+    lib.bfn_step_prior.argtypes = [P, int32, P, P]
+    lib.bfn_step.argtypes = [P, int32, P, P, P, ctypes.c_double, P, int32]
+    lib.bfn_elementary.argtypes = [int32, P, P, int32]
+    lib.bfn_context_step.restype = lib.bfn_step_prior.restype = lib.bfn_step.restype = ctypes.c_int
+    lib.bfn_elementary.restype = None
+    lib.bfn_kernel_isa.restype = int32
 
 
 class _Linear(ctypes.Structure):
@@ -104,8 +139,8 @@ class CompiledStep(_Arrays):
     def __init__(self, net, portable=False):
         super().__init__()
         cfg, self.portable, self.V = net.cfg, portable, net.cfg.V
-        if cfg.output != "bytes" or not cfg.step_layers:
-            raise ValueError("the compiled per-step network takes a joint byte output and step layers")
+        if cfg.output != "bytes" or not cfg.step_layers or (cfg.K, cfg.V) != (2, 8):
+            raise ValueError("the compiled per-step network takes a joint byte output (K = 2, V = 8) and step layers")
         ds = cfg.step_d_model
         blocks = [b for b in net.step_blocks]
         layers = (_StepLayer * len(blocks))(*[
@@ -125,14 +160,18 @@ class CompiledStep(_Arrays):
     def prior(self, states):
         states = np.ascontiguousarray(states, dtype=np.float64)
         prior = np.empty((len(states), 256))
-        library().bfn_step_prior(ctypes.byref(self.net), len(states), states.ctypes.data, prior.ctypes.data)
+        if library().bfn_step_prior(ctypes.byref(self.net), len(states), states.ctypes.data, prior.ctypes.data):
+            raise MemoryError("the per-step kernel could not allocate its buffers")
         return states, prior
 
     def log_probs(self, states, prior, beliefs, t):
-        beliefs = np.ascontiguousarray(beliefs, dtype=np.float64)
+        beliefs = np.ascontiguousarray(beliefs, dtype=np.float64).reshape(len(states), self.V)   # lane after lane
+        if prior.shape != (len(states), 256):
+            raise ValueError("the per-step network takes a prior per lane")
         log_p = np.empty((len(states), 256))
-        library().bfn_step(ctypes.byref(self.net), len(states), states.ctypes.data, prior.ctypes.data,
-                           beliefs.ctypes.data, float(t), log_p.ctypes.data, int(self.portable))
+        if library().bfn_step(ctypes.byref(self.net), len(states), states.ctypes.data, prior.ctypes.data,
+                              beliefs.ctypes.data, float(t), log_p.ctypes.data, int(self.portable)):
+            raise MemoryError("the per-step kernel could not allocate its buffers")
         return log_p
 
 
@@ -180,6 +219,9 @@ class CompiledContext(_Arrays):
         rows = [([] if self.pos else [BOS]) + [int(b) for b in chunk] for chunk in previous_chunks]
         tokens = np.ascontiguousarray(rows, dtype=np.int32)
         lanes, m = tokens.shape
+        if m == 0 or (self.cache is not None and lanes > self.cache.lanes):
+            raise ValueError("each call takes a chunk of equal length for each lane still going, no more lanes "
+                             "than the first call")
         if self.cache is None:
             layers, kv, hd = self.shape
             self.arrays = [np.zeros((layers, lanes, kv, self.capacity) + tail, dtype)
@@ -201,9 +243,13 @@ class CompiledContext(_Arrays):
 
 def elementary(name, x):
     """The kernel's own exp (x <= 0), erf, sin, cos (x >= 0) or log (x >= 1) of the array x."""
+    return _elementary(library(), name, x)
+
+
+def _elementary(lib, name, x):
     x = np.ascontiguousarray(x, dtype=np.float64)
     y = np.empty_like(x)
-    library().bfn_elementary(("exp", "erf", "sin", "cos", "log").index(name), x.ctypes.data, y.ctypes.data, len(x))
+    lib.bfn_elementary(("exp", "erf", "sin", "cos", "log").index(name), x.ctypes.data, y.ctypes.data, len(x))
     return y
 
 
