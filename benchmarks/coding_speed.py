@@ -15,7 +15,7 @@ the rest (the coder, chunking).
 """
 import argparse
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
@@ -49,13 +49,15 @@ def measure(path, kb, steps, version=None, offset=200_000):
     setup = codec.load_setup(path, steps, codec.DEFAULT_BINS, None, version)
     model = setup.predictor.model
     context_class = type(setup.predictor.contexts())      # the format's: torch or compiled
-    step_class = type(setup.predictor.step) if setup.predictor.step is not None else type(model)
+    timers = [(context_class, "advance"), (type(model), "prepare"), (type(model), "forward")]
+    if setup.predictor.step is not None:          # the compiled per-step network (format 7 on)
+        timers += [(type(setup.predictor.step), "prior"), (type(setup.predictor.step), "log_probs")]
     rows = {}
     for direction in ("compress", "decompress"):
         spent = {}
-        with timed(context_class, "advance", spent), timed(type(model), "prepare", spent), \
-                timed(type(model), "forward", spent), timed(step_class, "prior", spent), \
-                timed(step_class, "log_probs", spent):
+        with ExitStack() as stack:
+            for obj, name in timers:
+                stack.enter_context(timed(obj, name, spent))
             t0 = time.perf_counter()
             if direction == "compress":
                 frame = codec.encode_frame(data, setup.predictor, setup.schedule, setup.lane_rule, fallback=False)
