@@ -210,7 +210,7 @@ METHOD_NAMES = {container.Method.STORED: "stored", container.Method.BITS_BACK: "
 
 
 def _list_header():
-    return f"{'compressed':>12} {'original':>12} {'ratio':>8}  {'model':<16}  {'steps':>5}  frames  file"
+    return f"{'compressed':>12} {'original':>12} {'ratio':>8}  {'format':>6}  {'model':<16}  {'steps':>5}  frames  file"
 
 
 def _list_one(src):
@@ -227,7 +227,8 @@ def _list_one(src):
     methods = collections.Counter(METHOD_NAMES[f.method] for _, frames, _ in members for f in frames)
     frames = ", ".join(f"{count} {name}" for name, count in methods.items())
     ratio = f"{100 * len(blob) / length:.2f}%" if length else "-"
-    click.echo(f"{len(blob):>12} {length:>12} {ratio:>8}  {models:<16}  {steps:>5}  {frames}  {src}")
+    versions = ",".join(dict.fromkeys(str(header.version) for header, _, _ in members))
+    click.echo(f"{len(blob):>12} {length:>12} {ratio:>8}  {versions:>6}  {models:<16}  {steps:>5}  {frames}  {src}")
 
 
 def _model_path(model):

@@ -49,7 +49,8 @@ def test_help_version_and_list_answer_without_torch(tmp_path, args):
     if args[0] in ("-V", "--version"):
         assert r.stdout.decode().strip() == f"bfn-codec {bfn_codec.__version__}, shipped model {shipped.fingerprint()}"
     elif args[0] == "-l":
-        assert re.fullmatch(rf"\s*{stored.stat().st_size}\s+300\s+\S+%\s+none\s+-\s+1 stored\s+\S*s\.bfn",
+        assert re.fullmatch(rf"\s*{stored.stat().st_size}\s+300\s+\S+%\s+{container.NO_MODEL_VERSION}\s+none\s+-\s+"
+                            rf"1 stored\s+\S*s\.bfn",
                             r.stdout.decode().splitlines()[-1])
     else:
         assert b"Usage: " in r.stdout and b"--rm" in r.stdout
@@ -83,9 +84,9 @@ def test_list_shows_sizes_model_steps_and_methods(tmp_path, tiny_model):
     r = run("bfn-compress", "-l", str(tmp_path / "l.txt.bfn"), str(tmp_path / "junk.bfn"))
     assert r.returncode == 1 and b"junk.bfn: not a .bfn file" in r.stderr
     header, line = r.stdout.decode().splitlines()
-    assert header.split() == ["compressed", "original", "ratio", "model", "steps", "frames", "file"]
-    fingerprint = container.unpack(blob)[0].model
-    assert re.fullmatch(rf"\s*{len(blob)}\s+1200\s+{100 * len(blob) / 1200:.2f}%\s+{fingerprint}\s+7\s+"
+    assert header.split() == ["compressed", "original", "ratio", "format", "model", "steps", "frames", "file"]
+    fingerprint, version = container.unpack(blob)[0].model, container.unpack(blob)[0].version
+    assert re.fullmatch(rf"\s*{len(blob)}\s+1200\s+{100 * len(blob) / 1200:.2f}%\s+{version}\s+{fingerprint}\s+7\s+"
                         rf"2 bits-back\s+\S*l\.txt\.bfn", line), line
 
 
