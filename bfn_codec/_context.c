@@ -23,7 +23,7 @@ rows of int8 keys and values (head_dim each) with one double scale per row.
 #endif
 #pragma STDC FP_CONTRACT OFF
 
-#define KERNEL_VERSION 1      /* context.py checks it: a stale build is an error, not other bits */
+#define KERNEL_VERSION 2      /* context.py checks it: a stale build is an error, not other bits */
 
 typedef struct {
     const int8_t *weight;   /* (out, in) */
@@ -47,10 +47,19 @@ typedef struct {
 } Net;
 
 typedef struct {
-    int8_t *keys, *values;              /* (n_layers, lanes, kv_heads, capacity, head_dim) */
+    int8_t *keys;                       /* (n_layers, lanes, kv_heads, capacity / 16, padded / 4, 16, 4):
+                                           blocks of 16 rows, 4 channels of a row together (key_at) */
+    int8_t *values;                     /* (n_layers, lanes, kv_heads, capacity, head_dim) */
     double *key_scales, *value_scales;  /* (n_layers, lanes, kv_heads, capacity) */
-    int32_t lanes, capacity;
+    int32_t *key_sums;                  /* (n_layers, lanes, kv_heads, capacity): each key row's sum */
+    int32_t lanes, capacity;            /* capacity: a multiple of 16 */
 } Cache;
+
+/* A key row's channels are padded to a multiple of 4; where channel j of row a lies. */
+static inline int padded(int hd) { return (hd + 3) / 4 * 4; }
+static inline size_t key_at(int a, int j, int hd) {
+    return (size_t)(a / 16) * 16 * padded(hd) + (size_t)(j / 4) * 64 + (a % 16) * 4 + j % 4;
+}
 
 /* ---- elementary functions from +, -, *, /, rint (the same bits on every IEEE machine) ---- */
 
@@ -189,6 +198,28 @@ static void products_vnni(const Linear *f, int in, int out, const int8_t *q, int
     }
 }
 
+/* dots (group, 16 per block) = the integer products of the group's int8 query rows q (group,
+   hd) with the key rows of blocks first..last (16 rows each): vpdpbusd on (q + 128) as
+   unsigned bytes, less 128 times each key row's sum. */
+__attribute__((target("avx512f,avx512bw,avx512vnni")))
+static void key_dots_vnni(const int8_t *q, int group, int hd, const int8_t *keys, const int32_t *key_sums,
+                          int first, int last, int32_t *dots) {
+    const int hp = padded(hd), blocks = last - first + 1;
+    for (int g = 0; g < group; g++) {
+        uint8_t shifted[hp];
+        for (int j = 0; j < hp; j++) shifted[j] = j < hd ? (uint8_t)(q[g * hd + j] + 128) : 0;
+        for (int b = first; b <= last; b++) {
+            const int8_t *block = keys + (size_t)b * 16 * hp;
+            __m512i acc = _mm512_setzero_si512();
+            for (int j = 0; j < hp; j += 4)
+                acc = _mm512_dpbusd_epi32(acc, _mm512_set1_epi32(load4(shifted + j)),
+                                          _mm512_loadu_si512(block + (size_t)j * 16));
+            __m512i sums = _mm512_slli_epi32(_mm512_loadu_si512(key_sums + b * 16), 7);
+            _mm512_storeu_si512(dots + (size_t)g * blocks * 16 + (b - first) * 16, _mm512_sub_epi32(acc, sums));
+        }
+    }
+}
+
 static int vnni(void) {
     static int known = -1;
     if (known < 0) { __builtin_cpu_init(); known = __builtin_cpu_supports("avx512vnni") ? 1 : 0; }
@@ -205,6 +236,20 @@ static int avx512(void) {
     return known;
 }
 #endif
+
+static void key_dots(const int8_t *q, int group, int hd, const int8_t *keys, const int32_t *key_sums,
+                     int first, int last, int32_t *dots, int portable) {
+#ifdef HAVE_VNNI_PATH
+    if (!portable && vnni()) { key_dots_vnni(q, group, hd, keys, key_sums, first, last, dots); return; }
+#endif
+    const int blocks = last - first + 1;
+    for (int g = 0; g < group; g++)
+        for (int a = first * 16; a < (last + 1) * 16; a++) {
+            int32_t acc = 0;
+            for (int j = 0; j < hd; j++) acc += (int32_t)q[g * hd + j] * (int32_t)keys[key_at(a, j, hd)];
+            dots[(size_t)g * blocks * 16 + a - first * 16] = acc;
+        }
+}
 
 static void products(const Linear *f, int in, int out, const int8_t *q, int n, uint8_t *shifted, int32_t *acc,
                      int portable) {
@@ -267,20 +312,24 @@ static void rotate(double *x, int hd, const double *cos_, const double *sin_) {
 /* The `group` query rows (int8 q (group, hd), scales) that share one lane's key/value head,
    over its keys lo..last: softmax weights times each value row's scale over the largest, on
    the grid 2^-16, times the int8 values (exact.IntBlock.attend); each key and value row is
-   read once for the group. logits: group (last - lo + 1) doubles; acc: group hd floats;
+   read once for the group. logits: group (last - lo + 1) doubles; dots: group times the
+   blocks of 16 keys that hold lo..last int32; acc: group hd floats;
    out: row g at out + g stride. */
 static void attend(const int8_t *q, const double *q_scales, int group, const int8_t *keys,
-                   const double *key_scales, const int8_t *values, const double *value_scales, int lo,
-                   int last, int hd, double *logits, float *acc, double *out, int stride) {
-    const int S = last - lo + 1;
+                   const int32_t *key_sums, const double *key_scales, const int8_t *values,
+                   const double *value_scales, int lo, int last, int hd, double *logits, int32_t *dots,
+                   float *acc, double *out, int stride, int portable) {
+    const int S = last - lo + 1, first_block = lo / 16, blocks = last / 16 - first_block + 1;
+    key_dots(q, group, hd, keys, key_sums, first_block, last / 16, dots, portable);
     uint64_t top_bits = 0;                   /* the largest value scale (all positive) */
     for (int s = lo; s <= last; s++) { uint64_t b = abs_bits(value_scales[s]); top_bits = b > top_bits ? b : top_bits; }
     double top;
     memcpy(&top, &top_bits, sizeof top);
-    for (int s = lo; s <= last; s++)
-        for (int g = 0; g < group; g++)
-            logits[g * S + s - lo] = (double)dot8(q + g * hd, keys + (size_t)s * hd, hd)
-                                     * (q_scales[g] * (1.0 / sqrt((double)hd))) * key_scales[s];
+    for (int g = 0; g < group; g++) {
+        const double qs = q_scales[g] * (1.0 / sqrt((double)hd));
+        const int32_t *dot = dots + (size_t)g * blocks * 16 + lo - first_block * 16;
+        for (int s = 0; s < S; s++) logits[g * S + s] = (double)dot[s] * qs * key_scales[lo + s];
+    }
     for (int g = 0; g < group; g++) {
         double *l = logits + g * S, sum = 0.0;
         uint64_t mx_key = 0;
@@ -321,8 +370,9 @@ static int context_step(const Net *net, Cache *cache, int32_t lanes, int32_t m, 
     double *logits = malloc(sizeof(double) * group * (at + m)), *cos_ = malloc(sizeof(double) * m * hd);
     int8_t *q = malloc((size_t)n * wide);
     float *acc = malloc(sizeof(float) * group * hd);
+    int32_t *dots = malloc(sizeof(int32_t) * group * (capacity + 16));
     uint8_t *work = malloc((size_t)n * wide * 5 + 64);
-    int status = (h && a && att && scales && logits && cos_ && q && acc && work) ? 0 : -1;
+    int status = (h && a && att && scales && logits && cos_ && q && acc && dots && work) ? 0 : -1;
     if (status) goto done;
     double *sin_ = cos_ + m * hd / 2;
     for (int i = 0; i < m; i++)
@@ -347,7 +397,12 @@ static int context_step(const Net *net, Cache *cache, int32_t lanes, int32_t m, 
                 rotate(row + head * hd, hd, cos_ + i * hd / 2, sin_ + i * hd / 2);
             for (int kv = 0; kv < KV; kv++) {                    /* the new keys and values: into the cache */
                 size_t at_row = block + ((size_t)(r / m) * KV + kv) * capacity + at + i;
-                int8_rows(row + (H + kv) * hd, 1, hd, cache->keys + at_row * hd, cache->key_scales + at_row);
+                int8_t key[hd];
+                int32_t sum = 0;
+                int8_rows(row + (H + kv) * hd, 1, hd, key, cache->key_scales + at_row);
+                int8_t *keys = cache->keys + (at_row - (at + i)) * padded(hd);
+                for (int j = 0; j < hd; j++) { keys[key_at(at + i, j, hd)] = key[j]; sum += key[j]; }
+                cache->key_sums[at_row] = sum;
                 int8_rows(row + (H + KV + kv) * hd, 1, hd, cache->values + at_row * hd, cache->value_scales + at_row);
             }
             int8_rows(row, H, hd, q + (size_t)r * d, scales + (size_t)r * H);
@@ -358,9 +413,9 @@ static int context_step(const Net *net, Cache *cache, int32_t lanes, int32_t m, 
             for (int kv = 0; kv < KV; kv++) {      /* query heads kv group .. (kv + 1) group - 1 */
                 size_t base = block + ((size_t)(r / m) * KV + kv) * capacity;
                 attend(q + (size_t)r * d + kv * group * hd, scales + (size_t)r * H + kv * group, group,
-                       cache->keys + base * hd, cache->key_scales + base,
+                       cache->keys + base * padded(hd), cache->key_sums + base, cache->key_scales + base,
                        cache->values + base * hd, cache->value_scales + base,
-                       first, last, hd, logits, acc, att + (size_t)r * d + kv * group * hd, hd);
+                       first, last, hd, logits, dots, acc, att + (size_t)r * d + kv * group * hd, hd, portable);
             }
         }
         int8_rows(att, n, d, q, scales);
@@ -378,7 +433,7 @@ static int context_step(const Net *net, Cache *cache, int32_t lanes, int32_t m, 
     int8_rows(a, lanes, d, q, scales);
     linear(&net->out, d, net->ds, q, scales, lanes, states, 0, work, portable);
 done:
-    free(h); free(a); free(att); free(scales); free(logits); free(cos_); free(q); free(acc); free(work);
+    free(h); free(a); free(att); free(scales); free(logits); free(cos_); free(q); free(acc); free(dots); free(work);
     return status;
 }
 
@@ -606,6 +661,25 @@ void bfn_elementary(int32_t which, const double *x, double *y, int32_t n) {
 }
 
 int32_t bfn_kernel_version(void) { return KERNEL_VERSION; }
+
+/* Move rows from..from+keep-1 of every layer's, lane's and head's cache to rows 0..keep-1
+   (from > 0; in increasing order, so overlapping ranges are safe). */
+void bfn_cache_compact(const Net *net, Cache *cache, int32_t from, int32_t keep) {
+    const int KV = net->kv_heads, hd = net->d / net->n_heads, capacity = cache->capacity;
+    const size_t heads = (size_t)net->n_layers * cache->lanes * KV;
+    for (size_t head = 0; head < heads; head++) {
+        int8_t *keys = cache->keys + head * capacity * padded(hd), *values = cache->values + head * capacity * hd;
+        double *key_scales = cache->key_scales + head * capacity, *value_scales = cache->value_scales + head * capacity;
+        int32_t *key_sums = cache->key_sums + head * capacity;
+        for (int r = 0; r < keep; r++) {
+            for (int j = 0; j < hd; j++) keys[key_at(r, j, hd)] = keys[key_at(from + r, j, hd)];
+            memmove(values + (size_t)r * hd, values + (size_t)(from + r) * hd, hd);
+            key_scales[r] = key_scales[from + r];
+            value_scales[r] = value_scales[from + r];
+            key_sums[r] = key_sums[from + r];
+        }
+    }
+}
 
 /* The instruction sets the kernel uses here: 0 the baseline, 1 AVX-512, 2 AVX-512 with VNNI. */
 int32_t bfn_kernel_isa(void) {

@@ -31,7 +31,7 @@ P = ctypes.c_void_p
 ISA = ("baseline", "AVX-512", "AVX-512 VNNI")      # bfn_kernel_isa's answers
 
 
-KERNEL_VERSION = 1       # _context.c's KERNEL_VERSION: what this code expects
+KERNEL_VERSION = 2       # _context.c's KERNEL_VERSION: what this code expects
 # a few of the kernel's elementary function values, as every correct build computes them
 SELF_TEST = {"exp": ([-0.3, -7.25], ["0x1.7b4c869c37c05p-1", "0x1.7455fe323fafep-11"]),
              "erf": ([0.7, -2.1], ["0x1.5b08c1aa86337p-1", "-0x1.fe79750fb9e0dp-1"]),
@@ -74,6 +74,8 @@ def _declare(lib):
     lib.bfn_step_prior.argtypes = [P, int32, P, P]
     lib.bfn_step.argtypes = [P, int32, P, P, P, ctypes.c_double, P, int32]
     lib.bfn_elementary.argtypes = [int32, P, P, int32]
+    lib.bfn_cache_compact.argtypes = [P, P, int32, int32]
+    lib.bfn_cache_compact.restype = None
     lib.bfn_context_step.restype = lib.bfn_step_prior.restype = lib.bfn_step.restype = ctypes.c_int
     lib.bfn_elementary.restype = None
     lib.bfn_kernel_isa.restype = int32
@@ -95,7 +97,7 @@ class _Net(ctypes.Structure):
 
 
 class _Cache(ctypes.Structure):
-    _fields_ = [("keys", P), ("values", P), ("key_scales", P), ("value_scales", P),
+    _fields_ = [("keys", P), ("values", P), ("key_scales", P), ("value_scales", P), ("key_sums", P),
                 ("lanes", ctypes.c_int32), ("capacity", ctypes.c_int32)]
 
 
@@ -190,7 +192,7 @@ class CompiledContext(_Arrays):
         self.portable = portable            # the kernel's baseline build and plain products (tests)
         self.W, self.ds = cfg.context_len, cfg.step_d_model
         self.shape = (cfg.n_layers, cfg.kv_heads or cfg.n_heads, cfg.d_model // cfg.n_heads)
-        self.capacity = cfg.context_len + max(self.SLACK, cfg.chunk_len + 1)
+        self.capacity = -(-(cfg.context_len + max(self.SLACK, cfg.chunk_len + 1)) // 16) * 16    # whole key blocks
         layers = (_Layer * cfg.n_layers)(*[
             _Layer(self.array(b.ln1.weight), self.array(b.ln1.bias), self.array(b.ln2.weight),
                    self.array(b.ln2.bias), self._linear(b.qkv), self._linear(b.proj),
@@ -222,15 +224,16 @@ class CompiledContext(_Arrays):
         if m == 0 or (self.cache is not None and lanes > self.cache.lanes):
             raise ValueError("each call takes a chunk of equal length for each lane still going, no more lanes "
                              "than the first call")
-        if self.cache is None:
+        if self.cache is None:         # keys (in blocks of 16 rows), values, their scales, the keys' sums
             layers, kv, hd = self.shape
-            self.arrays = [np.zeros((layers, lanes, kv, self.capacity) + tail, dtype)
-                           for tail, dtype in (((hd,), np.int8), ((hd,), np.int8), ((), np.float64), ((), np.float64))]
+            heads, padded = (layers, lanes, kv), -(-hd // 4) * 4
+            self.arrays = [np.zeros(heads + (self.capacity * padded,), np.int8),
+                           np.zeros(heads + (self.capacity, hd), np.int8), np.zeros(heads + (self.capacity,)),
+                           np.zeros(heads + (self.capacity,)), np.zeros(heads + (self.capacity,), np.int32)]
             self.cache = _Cache(*[a.ctypes.data for a in self.arrays], lanes, self.capacity)
         if self.pos + m - self.base > self.capacity:      # compact: keep the last W tokens
             keep, end = min(self.W, self.pos - self.base), self.pos - self.base
-            for a in self.arrays:
-                a[:, :, :, :keep] = a[:, :, :, end - keep:end].copy()
+            library().bfn_cache_compact(ctypes.byref(self.net), ctypes.byref(self.cache), end - keep, keep)
             self.base = self.pos - keep
         states = np.empty((lanes, self.ds))
         if library().bfn_context_step(ctypes.byref(self.net), ctypes.byref(self.cache), lanes, m,

@@ -74,6 +74,18 @@ def tiny_sar_local(tmp_path_factory, tiny_sar):
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_sar_one(tmp_path_factory, tiny_sar):
+    """tiny_sar coding one-byte chunks: from format 7 its per-step network runs in the kernel."""
+    import dataclasses
+    from bfn_codec.model import load_weights
+    model = load_weights(tiny_sar)[0]
+    model.cfg = dataclasses.replace(model.cfg, coding_chunk_len=1)
+    path = tmp_path_factory.mktemp("sar_one") / "tiny_sar_one.pt"
+    save_weights(path, model)
+    return path
+
+
 @pytest.fixture(params=["tiny_model", "tiny_sar"])
 def any_model(request):
     """Each tiny model in turn: the chunk design with bit outputs, the sar design with byte outputs."""

@@ -68,7 +68,8 @@ def test_round_trips_through_fresh_processes(compressed, tiny_model):
     assert container.Method.XZ in [f.method for f in container.unpack((out / "run.bfn").read_bytes())[1]]
 
 
-@pytest.mark.parametrize("kind, size", [("tiny_model", 4000), ("tiny_sar", 1600), ("tiny_sar_local", 1600)])
+@pytest.mark.parametrize("kind, size", [("tiny_model", 4000), ("tiny_sar", 1600), ("tiny_sar_local", 1600),
+                                        ("tiny_sar_one", 1600)])
 def test_worker_and_thread_counts_do_not_change_the_stream(tmp_path, request, kind, size):
     model = request.getfixturevalue(kind)
     src = tmp_path / "t.txt"
@@ -86,7 +87,8 @@ def test_worker_and_thread_counts_do_not_change_the_stream(tmp_path, request, ki
     assert r.returncode == 0 and r.stdout == TEXT[:size]
 
 
-@pytest.mark.parametrize("kind, size", [("tiny_model", 2000), ("tiny_sar", 600), ("tiny_sar_local", 600)])
+@pytest.mark.parametrize("kind, size", [("tiny_model", 2000), ("tiny_sar", 600), ("tiny_sar_local", 600),
+                                        ("tiny_sar_one", 600)])
 def test_tiny_perturbation_of_the_network_does_not_change_the_stream(request, monkeypatch, kind, size):
     """Network outputs off by a relative 1e-12 (another machine's last bits) give the same stream."""
     from bfn_codec import coder as bb
