@@ -23,7 +23,7 @@ rows of int8 keys and values (head_dim each) with one double scale per row.
 #endif
 #pragma STDC FP_CONTRACT OFF
 
-#define KERNEL_VERSION 2      /* context.py checks it: a stale build is an error, not other bits */
+#define KERNEL_VERSION 3      /* context.py checks it: a stale build is an error, not other bits */
 
 typedef struct {
     const int8_t *weight;   /* (out, in) */
@@ -437,12 +437,13 @@ done:
     return status;
 }
 
-/* ---- the per-step network (sar.SARNet.forward for one-byte chunks) in float64 ----
-   A dense layer's sums run over its inputs in index order, one sum per output: vectorised
-   across outputs, the same bits on every machine. */
+/* ---- the per-step network (sar.SARNet.forward for one-byte chunks) ----
+   Float64, but for the dense layers' products: float32 weights and inputs, each output's sum
+   in float32 over its inputs in index order (vectorised across outputs, the same bits on
+   every machine), the bias added in float64. */
 
 typedef struct {
-    const double *weight_t;   /* (in, out) */
+    const float *weight_t;    /* (in, out) */
     const double *bias;       /* (out,) or NULL */
 } Dense;
 
@@ -459,41 +460,41 @@ typedef struct {
     const double *ln_weight, *ln_bias;    /* ln_out */
 } StepNet;
 
-/* y (n, out) = x (n, in) W + bias; add: y += that. Each output's sum runs over k in order from
-   0.0 and the bias comes last, in both loops below (the same bits): the blocked one keeps
-   4 rows by 32 outputs in registers for outputs in multiples of 32. */
+/* y (n, out) = x (n, in) W + bias; add: y += that. Each output's float32 sum runs over k in
+   order from 0 and the bias comes last, in both loops below (the same bits): the blocked one
+   keeps 4 rows by 64 outputs in registers for outputs in multiples of 64. */
 #define ROWS 4
-#define COLS 32
+#define COLS 64
 static void dense(const Dense *f, int in, int out, const double *x, int n, double *y, int add) {
     for (int o0 = 0; o0 < out; o0 += COLS) {
         int blocked = out % COLS == 0;
         for (int r0 = 0; r0 < n; r0 += blocked ? ROWS : 1) {
             if (blocked) {
-                double acc[ROWS][COLS] = {{0.0}};
+                float acc[ROWS][COLS] = {{0.0f}};
                 const double *xr[ROWS];
                 for (int r = 0; r < ROWS; r++) xr[r] = x + (size_t)(r0 + r < n ? r0 + r : r0) * in;
                 for (int k = 0; k < in; k++) {
-                    const double *w = f->weight_t + (size_t)k * out + o0;
+                    const float *w = f->weight_t + (size_t)k * out + o0;
                     for (int r = 0; r < ROWS; r++) {
-                        const double xk = xr[r][k];
+                        const float xk = (float)xr[r][k];
                         for (int o = 0; o < COLS; o++) acc[r][o] += xk * w[o];
                     }
                 }
                 for (int r = 0; r < ROWS && r0 + r < n; r++)
                     for (int o = 0; o < COLS; o++) {
-                        double v = f->bias ? acc[r][o] + f->bias[o0 + o] : acc[r][o];
+                        double v = f->bias ? (double)acc[r][o] + f->bias[o0 + o] : (double)acc[r][o];
                         double *dst = y + (size_t)(r0 + r) * out + o0 + o;
                         *dst = add ? *dst + v : v;
                     }
             } else {
                 int width = out - o0 < COLS ? out - o0 : COLS;
-                double acc[COLS] = {0.0};
+                float acc[COLS] = {0.0f};
                 for (int k = 0; k < in; k++) {
-                    const double xk = x[(size_t)r0 * in + k], *w = f->weight_t + (size_t)k * out + o0;
+                    const float xk = (float)x[(size_t)r0 * in + k], *w = f->weight_t + (size_t)k * out + o0;
                     for (int o = 0; o < width; o++) acc[o] += xk * w[o];
                 }
                 for (int o = 0; o < width; o++) {
-                    double v = f->bias ? acc[o] + f->bias[o0 + o] : acc[o];
+                    double v = f->bias ? (double)acc[o] + f->bias[o0 + o] : (double)acc[o];
                     double *dst = y + (size_t)r0 * out + o0 + o;
                     *dst = add ? *dst + v : v;
                 }

@@ -8,7 +8,7 @@ with these definitions: a row's int8 values are rint(x (127 / max |x|)); the att
 weights' value-scale maximum is taken over the keys each query sees; sums of doubles run in
 index order (layer norms: in 8 interleaved parts, added in a fixed order); exp, erf, sin,
 cos and log are the kernel's own, from +, -, *, /, sqrt and rint. The per-step network is
-float64 with every sum in index order. So the outputs are the same bits on every IEEE-754
+float64 but for its products: float32 weights and inputs, each sum in index order. So the outputs are the same bits on every IEEE-754
 machine, whatever its math library, SIMD width or thread count: the AVX-512 and the portable
 build agree bit for bit (tests/test_kernel.py). GELU uses an erf with an absolute error
 below 1.5e-7, far below the int8 grids' steps. The kernel is checked when loaded: its
@@ -31,7 +31,7 @@ P = ctypes.c_void_p
 ISA = ("baseline", "AVX-512", "AVX-512 VNNI")      # bfn_kernel_isa's answers
 
 
-KERNEL_VERSION = 2       # _context.c's KERNEL_VERSION: what this code expects
+KERNEL_VERSION = 3       # _context.c's KERNEL_VERSION: what this code expects
 # a few of the kernel's elementary function values, as every correct build computes them
 SELF_TEST = {"exp": ([-0.3, -7.25], ["0x1.7b4c869c37c05p-1", "0x1.7455fe323fafep-11"]),
              "erf": ([0.7, -2.1], ["0x1.5b08c1aa86337p-1", "-0x1.fe79750fb9e0dp-1"]),
@@ -129,14 +129,14 @@ class _Arrays:
         return a.ctypes.data
 
     def dense(self, weight, bias=None):
-        """A float64 layer: weight (out, in) stored as (in, out)."""
-        return _Dense(self.array(weight.detach().double().t()), None if bias is None else self.array(bias))
+        """A per-step layer: weight (out, in) stored as (in, out) in float32, the bias in float64."""
+        return _Dense(self.array(weight.detach().double().t(), np.float32), None if bias is None else self.array(bias))
 
 
 class CompiledStep(_Arrays):
     """The per-step network of one-byte chunks (sar.SARNet.forward with L = 1) in the kernel:
     `prior(states)` once per stripe, then `log_probs(states, prior, beliefs, t)` -> log p_O
-    (lanes, 256) at each step. Float64 throughout, each sum in index order."""
+    (lanes, 256) at each step. Float64, the products in float32, each sum in index order."""
 
     def __init__(self, net, portable=False):
         super().__init__()

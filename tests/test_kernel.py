@@ -14,9 +14,9 @@ from bfn_codec.errors import ModelError
 from test_model import SAR, random_sar
 
 # a multi-query context network with a local layer, sizes that take the VNNI products and the
-# blocked float64 layers where the CPU has them; a step width of 16 takes the unblocked ones
+# blocked per-step layers (widths of 64); a step width of 16 takes the unblocked ones
 KERNEL = dataclasses.replace(SAR, d_model=64, n_heads=4, kv_heads=1, local_layers=1, local_window=5, chunk_len=2,
-                             context_len=16, step_d_model=32, step_layers=2, step_heads=2)
+                             context_len=16, step_d_model=64, step_layers=2, step_heads=2)
 NARROW = dataclasses.replace(SAR, chunk_len=2)
 GROUPED = dataclasses.replace(KERNEL, kv_heads=2, local_layers=0)     # query heads 0, 1 read kv head 0; 2, 3 head 1
 
@@ -74,7 +74,7 @@ def test_the_kernel_computes_the_torch_network(cfg, chunk):
     of them to 1e-6, the others moved by a rounding that the two place at different last
     bits (and, for chunks of 2, by the value scales' maximum, taken over the keys a query
     sees where exact.py takes all the call's keys); its per-step outputs follow the float64
-    network to the precision of its erf."""
+    network to the precision of its erf and its float32 products."""
     net = kernel_net(cfg)
     seq = torch.randint(0, 256, (4, 40))
     compiled = states(net, seq, [0, 1, 2, 3], chunk)
