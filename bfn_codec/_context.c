@@ -22,6 +22,9 @@ rows of int8 keys and values (head_dim each) with one double scale per row.
 #error "the kernel needs double arithmetic in double precision (SSE2 or the like, not x87)"
 #endif
 #pragma STDC FP_CONTRACT OFF
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("fp-contract=off")   /* GCC ignores the STDC pragma: no fused multiply-adds, whatever the flags */
+#endif
 
 #define KERNEL_VERSION 3      /* context.py checks it: a stale build is an error, not other bits */
 
@@ -646,9 +649,9 @@ int bfn_step(const StepNet *net, int32_t lanes, const double *states, const doub
     return step_baseline(net, lanes, states, prior, beliefs, t, log_p);
 }
 
-/* What the tests check the elementary functions with: y = f(x) for f 0: exp (x <= 0), 1: erf,
+/* What the load-time check and the tests check the elementary functions with: y = f(x) for f 0: exp (x <= 0), 1: erf,
    2: sin, 3: cos (x >= 0), 4: log (x >= 1). */
-void bfn_elementary(int32_t which, const double *x, double *y, int32_t n) {
+static void elementary(int32_t which, const double *x, double *y, int32_t n) {
     for (int i = 0; i < n; i++) {
         double s, c;
         switch (which) {
@@ -659,6 +662,23 @@ void bfn_elementary(int32_t which, const double *x, double *y, int32_t n) {
             default: y[i] = log_ge1(x[i]); break;
         }
     }
+}
+
+#ifdef HAVE_VNNI_PATH
+__attribute__((flatten, target("arch=x86-64-v4")))
+static void elementary_avx512(int32_t which, const double *x, double *y, int32_t n) { elementary(which, x, y, n); }
+#endif
+
+__attribute__((flatten))
+static void elementary_baseline(int32_t which, const double *x, double *y, int32_t n) { elementary(which, x, y, n); }
+
+/* in the build the networks use (portable: the baseline build), so that the load-time check
+   covers the code that runs */
+void bfn_elementary(int32_t which, const double *x, double *y, int32_t n, int32_t portable) {
+#ifdef HAVE_VNNI_PATH
+    if (!portable && avx512()) { elementary_avx512(which, x, y, n); return; }
+#endif
+    elementary_baseline(which, x, y, n);
 }
 
 int32_t bfn_kernel_version(void) { return KERNEL_VERSION; }

@@ -60,7 +60,7 @@ def library():
             raise ModelError(f"the compiled context kernel is a stale build ({found[0].name}): {REINSTALL}")
         _declare(lib)
         for name, (x, expected) in SELF_TEST.items():
-            if [float(v).hex() for v in _elementary(lib, name, x)] != expected:
+            if any([float(v).hex() for v in _elementary(lib, name, x, portable)] != expected for portable in (0, 1)):
                 raise ModelError(f"the compiled context kernel computes other bits than it should ({name}); "
                                  "it must be built without fused multiply-adds or x87 arithmetic: " + REINSTALL)
         _LIB = lib
@@ -73,7 +73,7 @@ def _declare(lib):
     lib.bfn_context_step.argtypes = [P, P, int32, int32, P, ctypes.c_int64, int32, P, int32]
     lib.bfn_step_prior.argtypes = [P, int32, P, P]
     lib.bfn_step.argtypes = [P, int32, P, P, P, ctypes.c_double, P, int32]
-    lib.bfn_elementary.argtypes = [int32, P, P, int32]
+    lib.bfn_elementary.argtypes = [int32, P, P, int32, int32]
     lib.bfn_cache_compact.argtypes = [P, P, int32, int32]
     lib.bfn_cache_compact.restype = None
     lib.bfn_context_step.restype = lib.bfn_step_prior.restype = lib.bfn_step.restype = ctypes.c_int
@@ -221,9 +221,9 @@ class CompiledContext(_Arrays):
         rows = [([] if self.pos else [BOS]) + [int(b) for b in chunk] for chunk in previous_chunks]
         tokens = np.ascontiguousarray(rows, dtype=np.int32)
         lanes, m = tokens.shape
-        if m == 0 or (self.cache is not None and lanes > self.cache.lanes):
+        if m == 0 or (self.cache is not None and lanes > self.cache.lanes) or m > self.capacity - self.W:
             raise ValueError("each call takes a chunk of equal length for each lane still going, no more lanes "
-                             "than the first call")
+                             "than the first call, no longer than the cache's slack")
         if self.cache is None:         # keys (in blocks of 16 rows), values, their scales, the keys' sums
             layers, kv, hd = self.shape
             heads, padded = (layers, lanes, kv), -(-hd // 4) * 4
@@ -244,15 +244,17 @@ class CompiledContext(_Arrays):
         return torch.from_numpy(states)[:, None]
 
 
-def elementary(name, x):
-    """The kernel's own exp (x <= 0), erf, sin, cos (x >= 0) or log (x >= 1) of the array x."""
-    return _elementary(library(), name, x)
+def elementary(name, x, portable=False):
+    """The kernel's own exp (x <= 0), erf, sin, cos (x >= 0) or log (x >= 1) of the array x
+    (portable: in its baseline build)."""
+    return _elementary(library(), name, x, portable)
 
 
-def _elementary(lib, name, x):
+def _elementary(lib, name, x, portable):
     x = np.ascontiguousarray(x, dtype=np.float64)
     y = np.empty_like(x)
-    lib.bfn_elementary(("exp", "erf", "sin", "cos", "log").index(name), x.ctypes.data, y.ctypes.data, len(x))
+    lib.bfn_elementary(("exp", "erf", "sin", "cos", "log").index(name), x.ctypes.data, y.ctypes.data, len(x),
+                       int(portable))
     return y
 
 

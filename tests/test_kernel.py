@@ -19,6 +19,7 @@ KERNEL = dataclasses.replace(SAR, d_model=64, n_heads=4, kv_heads=1, local_layer
                              context_len=16, step_d_model=64, step_layers=2, step_heads=2)
 NARROW = dataclasses.replace(SAR, chunk_len=2)
 GROUPED = dataclasses.replace(KERNEL, kv_heads=2, local_layers=0)     # query heads 0, 1 read kv head 0; 2, 3 head 1
+PADDED = dataclasses.replace(KERNEL, d_model=24, kv_heads=2, step_d_model=16)   # heads of 6 channels: key rows padded to 8
 
 
 def kernel_net(cfg=KERNEL):
@@ -39,7 +40,7 @@ def small_slack(monkeypatch):
     monkeypatch.setattr(context.CompiledContext, "SLACK", 3)     # compact the cache every few tokens
 
 
-@pytest.mark.parametrize("cfg", [KERNEL, NARROW, GROUPED])
+@pytest.mark.parametrize("cfg", [KERNEL, NARROW, GROUPED, PADDED])
 @pytest.mark.parametrize("chunk", [1, 2])
 def test_the_vectorised_and_the_portable_build_give_the_same_bits(cfg, chunk, small_slack):
     """On a CPU with AVX-512 (and VNNI) the kernel runs other instructions than its baseline
@@ -59,6 +60,16 @@ def test_the_vectorised_and_the_portable_build_give_the_same_bits(cfg, chunk, sm
 
 
 @pytest.mark.parametrize("chunk", [1, 2])
+def test_compacting_the_cache_changes_nothing(chunk, monkeypatch):
+    """States with a cache compacted every few tokens equal those of one that never is."""
+    net = kernel_net(PADDED)
+    seq = torch.randint(0, 256, (3, 48))
+    whole = states(net, seq, [0, 1, 2], chunk)
+    monkeypatch.setattr(context.CompiledContext, "SLACK", 3)
+    assert torch.equal(states(net, seq, [0, 1, 2], chunk), whole)
+
+
+@pytest.mark.parametrize("chunk", [1, 2])
 def test_a_lanes_states_depend_only_on_its_own_bytes(chunk, small_slack):
     net = kernel_net()
     seq = torch.randint(0, 256, (3, 40))
@@ -67,7 +78,7 @@ def test_a_lanes_states_depend_only_on_its_own_bytes(chunk, small_slack):
     assert torch.equal(states(net, seq, [2, 0], chunk), together[[2, 0]])
 
 
-@pytest.mark.parametrize("cfg", [KERNEL, NARROW, GROUPED])
+@pytest.mark.parametrize("cfg", [KERNEL, NARROW, GROUPED, PADDED])
 @pytest.mark.parametrize("chunk", [1, 2])
 def test_the_kernel_computes_the_torch_network(cfg, chunk):
     """The kernel's context states follow the torch network on int8 grids (exact.py): most
@@ -93,6 +104,12 @@ def test_the_kernel_computes_the_torch_network(cfg, chunk):
         with torch.no_grad():
             expected = net(z, torch.full((1, 1), t, dtype=torch.float64), reference[:, -1:]).reshape(4, 256)
         assert np.abs(step.log_probs(lane_states, prior, beliefs, t) - expected.numpy()).max() < 1e-5
+
+
+def test_the_elementary_functions_are_the_same_bits_in_both_builds():
+    x = -np.geomspace(1e-9, 700, 999)
+    for name, arg in (("exp", x), ("erf", x / 100), ("sin", -x), ("cos", -x), ("log", 1 - x)):
+        assert np.array_equal(context.elementary(name, arg), context.elementary(name, arg, portable=True))
 
 
 def test_the_elementary_functions_are_as_accurate_as_they_claim():
@@ -129,6 +146,8 @@ def test_calls_the_cache_was_not_made_for_are_refused():
         cache.advance([[1]] * 3)
     with pytest.raises(ValueError, match="equal length"):
         cache.advance([[], []])
+    with pytest.raises(ValueError, match="slack"):
+        cache.advance([list(range(300))] * 2)
 
 
 def test_a_missing_kernel_is_a_clear_error(monkeypatch):
