@@ -75,8 +75,10 @@ def without_bfn(data, predictor=None):
     return None
 
 
+@functools.lru_cache(maxsize=2)
 def classical(data):
-    """The frame stored or as xz, whichever is smaller."""
+    """The frame stored or as xz, whichever is smaller (bytes; the last two kept: the probe
+    and the fallback of a frame ask for the same)."""
     return min([Frame(Method.XZ, len(data), 0, lzma.compress(data, preset=9 | lzma.PRESET_EXTREME)),
                 Frame(Method.STORED, len(data), 0, bytes(data))], key=lambda f: len(f.payload))
 
@@ -205,6 +207,12 @@ class Setup:
     schedule: coder.Schedule
     fingerprint: str
     lane_rule: container.LaneRule     # the file's format's lane rule (container.LANES)
+    version: int                      # the file's format version
+
+    def header(self, frame_size, length, crc):
+        """The .bfn header of a file with frames coded by this setup."""
+        return container.Header(self.fingerprint, self.schedule.n, int(self.schedule.r), self.predictor.chunk_len,
+                                self.predictor.cfg.context_len, frame_size, length, crc, self.version)
 
 
 @functools.lru_cache(maxsize=2)
@@ -216,7 +224,27 @@ def load_setup(model_path, steps, bins, chunk_len=None, version=None):
     model, fingerprint, _ = _load_model(model_path)
     version = version or container.version_for(model.cfg)
     return Setup(Predictor(model, chunk_len, version),
-                 coder.Schedule(steps, model.cfg.beta1, bins), fingerprint, container.LANES[version])
+                 coder.Schedule(steps, model.cfg.beta1, bins), fingerprint, container.LANES[version], version)
+
+
+def compression_setup(model_path, level, steps, bins, chunk_len):
+    """load_setup for compressing: a level's steps and chunk length, or those given."""
+    model = _load_model(model_path)[0]
+    steps, chunk_len = coding_settings(model, level, steps, chunk_len)
+    return load_setup(model_path, steps, bins, chunk_len, container.version_for(model.cfg))
+
+
+def decompression_setup(model_path, header):
+    """load_setup for the frames of a file with this header, once the model is checked
+    against it. Raises FormatError."""
+    model, fingerprint, _ = _load_model(model_path)
+    if fingerprint != header.model:
+        raise container.FormatError(f"this file needs model {header.model}, but the model given is "
+                                    f"{fingerprint} ({model_path}); pass the right one with --model")
+    if header.chunk_len not in model.chunk_lens or header.context_len != model.cfg.context_len \
+            or not container.readable(header.version, model.cfg):
+        raise container.FormatError("corrupted .bfn file (settings differ from the model's)")
+    return load_setup(model_path, header.steps, header.bins, header.chunk_len, header.version)
 
 
 @functools.lru_cache(maxsize=2)
@@ -227,6 +255,12 @@ def _load_model(model_path):
 
 def encode_job(setup, data, progress=None, fallback=True, probe=True):
     return encode_frame(data, setup.predictor, setup.schedule, setup.lane_rule, fallback, progress, probe)
+
+
+def compress_job(setup, data, progress=None, fallback=True):
+    """A frame that may need the model (probed here where fallback), and the header of a file
+    whose frames its setup coded."""
+    return encode_job(setup, data, progress, fallback), setup.header(0, 0, 0)
 
 
 def decode_job(setup, frame, progress=None):
@@ -240,15 +274,16 @@ def _init_worker(model_path):
     _load_model(model_path)
 
 
-def _in_worker(job, settings, item):
-    return job(load_setup(*settings), item)
+def _in_worker(job, make_setup, settings, item):
+    return job(make_setup(*settings), item)
 
 
 @contextlib.contextmanager
 def worker_pool(workers, frames, model_path):
     """Worker processes for `frames` frames (None where one process codes them all: one worker
-    or one frame), started at once so that they import torch and load the model while this
-    process does its part (the probe, the header check); they are stopped on leaving."""
+    or one frame), started at once so that they import torch and load the model; they probe
+    and check what needs the model, so that this process never loads it; they are stopped on
+    leaving."""
     if min(workers, frames) <= 1:
         yield None
         return
@@ -286,16 +321,16 @@ def _start_pool(workers, model_path):
     return pool
 
 
-def run_frames(job, items, settings, pool, progress=None, size=len):
+def run_frames(job, items, settings, pool, progress=None, size=len, make_setup=load_setup):
     """Map job(setup, item[, progress]) over frames in a `worker_pool` (None: in this process);
-    settings: the arguments of load_setup.
+    the setup is make_setup(*settings), made where the job runs.
     Results keep their order. progress(n_bytes) is called as bytes are done: per chunk in this
     process, per frame in a pool."""
     if pool is None or len(items) <= 1:
-        setup = load_setup(*settings)
+        setup = make_setup(*settings)
         return [job(setup, item, progress) for item in items]
     results = []
-    for item, res in zip(items, pool.imap(functools.partial(_in_worker, job, settings), items)):
+    for item, res in zip(items, pool.imap(functools.partial(_in_worker, job, make_setup, settings), items)):
         results.append(res)
         if progress:
             progress(size(item))
@@ -393,33 +428,24 @@ def compress(data, model_path=None, steps=None, bins=DEFAULT_BINS, frame_size=FR
     (container.NO_MODEL)."""
     level = check_level(level)
     parts = split_frames(bytes(data), frame_size)
-    # decided without a model, then by the probe (in this process); workers code the rest
+    # decided without a model here; the rest probed and coded where the model is (workers, or here)
     frames = [without_bfn(part) if fallback or not part else None for part in parts]
     header = container.Header(container.NO_MODEL, 0, 0, 0, 0, frame_size, len(data), checksum(data),
                               container.NO_MODEL_VERSION)
-    if any(f is None for f in frames):
+    if progress:
+        progress(sum(f.raw_len for f in frames if f is not None))
+    todo = [k for k, f in enumerate(frames) if f is None]
+    if todo:
         model_path = model_path or DEFAULT_MODEL
-        with worker_pool(workers, frames.count(None), model_path) as pool:
-            model = _load_model(model_path)[0]
-            steps, chunk_len = coding_settings(model, level, steps, chunk_len)
-            version = container.version_for(model.cfg)
-            settings = (model_path, steps, bins, chunk_len, version)
-            setup = load_setup(*settings)
-            if fallback:
-                frames = [f or without_bfn(part, setup.predictor) for f, part in zip(frames, parts)]
-            if progress:
-                progress(sum(f.raw_len for f in frames if f is not None))
-            todo = [k for k, f in enumerate(frames) if f is None]
-            coded = run_frames(functools.partial(encode_job, fallback=fallback, probe=False),
-                               [parts[k] for k in todo], settings, pool, progress)
-        for k, frame in zip(todo, coded):
+        with worker_pool(workers, len(todo), model_path) as pool:
+            coded = run_frames(functools.partial(compress_job, fallback=fallback), [parts[k] for k in todo],
+                               (model_path, level, steps, bins, chunk_len), pool, progress,
+                               make_setup=compression_setup)
+        for k, (frame, coded_header) in zip(todo, coded):
             frames[k] = frame
-        if any(f.method == Method.BITS_BACK for f in frames):     # else the file needs no model
-            cfg = setup.predictor.cfg
-            header = container.Header(setup.fingerprint, steps, bins, setup.predictor.chunk_len, cfg.context_len,
-                                      frame_size, len(data), checksum(data), version)
-    elif progress:
-        progress(len(data))
+            if frame.method == Method.BITS_BACK:                    # else the file needs no model
+                header = dataclasses.replace(coded_header, frame_size=frame_size, length=len(data),
+                                             crc=checksum(data))
     blob = container.pack(header, frames, [checksum(p) for p in parts])
     stats = sum((f.stats for f in frames if f.method == Method.BITS_BACK), coder.Stats())
     stats.other_bytes = sum(len(f.payload) for f in frames if f.method != Method.BITS_BACK)
@@ -449,15 +475,8 @@ def _decompress_member(header, frames, crcs, model_path, workers, progress):
     if any(f.method == Method.BITS_BACK for f in frames):
         model_path = model_path or DEFAULT_MODEL
         with worker_pool(workers, sum(f.method == Method.BITS_BACK for f in frames), model_path) as pool:
-            model, fingerprint, _ = _load_model(model_path)
-            if fingerprint != header.model:
-                raise container.FormatError(f"this file needs model {header.model}, but the model given is "
-                                            f"{fingerprint} ({model_path}); pass the right one with --model")
-            if header.chunk_len not in model.chunk_lens or header.context_len != model.cfg.context_len \
-                    or not container.readable(header.version, model.cfg):
-                raise container.FormatError("corrupted .bfn file (settings differ from the model's)")
-            results = run_frames(decode_job, frames, (model_path, header.steps, header.bins, header.chunk_len,
-                                                      header.version), pool, progress, size=lambda f: f.raw_len)
+            results = run_frames(decode_job, frames, (model_path, header), pool, progress,
+                                 size=lambda f: f.raw_len, make_setup=decompression_setup)
     else:
         results = [decode_frame(f, None, None) for f in frames]
         if progress:
