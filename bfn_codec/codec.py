@@ -83,16 +83,16 @@ def classical(data):
                 Frame(Method.STORED, len(data), 0, bytes(data))], key=lambda f: len(f.payload))
 
 
-def encode_frame(data, predictor, sch, lane_rule=container.LANES[2], fallback=True, progress=None, probe=True):
+def encode_frame(data, predictor, sch, lane_rule=container.LANES[2], fallback=True, progress=None):
     """bytes -> Frame: bits-back coded, or (fallback) xz or stored where that is smaller, the
-    BFN skipped where the probe says it cannot win (probe=False: the caller has asked).
+    BFN skipped where the probe says it cannot win.
 
     The frame's lanes are coded stripe by stripe on one stack, the last stripe first. The
     last stripes (the tail) are coded directly under the network's t = 0 prediction, first,
     so that the bits-back stripes find real information on the stack to pop; the tail grows
     until the stack holds what a stripe pops at its worst point.
     """
-    shortcut = without_bfn(data, predictor) if (fallback and probe) or not len(data) else None
+    shortcut = without_bfn(data, predictor) if fallback or not len(data) else None
     if shortcut is not None:
         if progress:
             progress(len(data))
@@ -253,14 +253,11 @@ def _load_model(model_path):
     return load_weights(model_path)
 
 
-def encode_job(setup, data, progress=None, fallback=True, probe=True):
-    return encode_frame(data, setup.predictor, setup.schedule, setup.lane_rule, fallback, progress, probe)
-
-
 def compress_job(setup, data, progress=None, fallback=True):
     """A frame that may need the model (probed here where fallback), and the header of a file
-    whose frames its setup coded."""
-    return encode_job(setup, data, progress, fallback), setup.header(0, 0, 0)
+    whose frames its setup coded (its sizes and checksum left to the caller)."""
+    frame = encode_frame(data, setup.predictor, setup.schedule, setup.lane_rule, fallback, progress)
+    return frame, setup.header(0, 0, 0)
 
 
 def decode_job(setup, frame, progress=None):

@@ -1,4 +1,5 @@
-"""The context network at coding time on integer grids (format 5 on): its products are exact,
+"""The context network at coding time on integer grids (formats 5 and 6; format 7 runs the same
+grids in the compiled kernel, context.py): its products are exact,
 so that its states do not depend on the BLAS, the SIMD width, the thread count or the other
 lanes of a batch.
 
