@@ -105,10 +105,12 @@ static inline double erf_as(double x) {
 static void sin_cos(double x, double *s, double *c) {
     double k = rint(x * INV_PIO2);
     double r = ((x - k * PIO2_1) - k * PIO2_2) - k * PIO2_3;
-    double r2 = r * r, ps = 0.0, pc = 0.0, fs = 1.0, fc = 1.0;
-    double sin_terms[9], cos_terms[10];
-    for (int i = 0; i < 9; i++) { sin_terms[i] = (i % 2 ? -1.0 : 1.0) / fs; fs *= (2 * i + 2) * (2 * i + 3); }
-    for (int i = 0; i < 10; i++) { cos_terms[i] = (i % 2 ? -1.0 : 1.0) / fc; fc *= (2 * i + 1) * (2 * i + 2); }
+    static const double sin_terms[9] = {1.0, -1.0 / 6.0, 1.0 / 120.0, -1.0 / 5040.0, 1.0 / 362880.0,
+        -1.0 / 39916800.0, 1.0 / 6227020800.0, -1.0 / 1307674368000.0, 1.0 / 355687428096000.0};  /* +-1/(2i+1)! */
+    static const double cos_terms[10] = {1.0, -1.0 / 2.0, 1.0 / 24.0, -1.0 / 720.0, 1.0 / 40320.0,
+        -1.0 / 3628800.0, 1.0 / 479001600.0, -1.0 / 87178291200.0, 1.0 / 20922789888000.0,
+        -1.0 / 6402373705728000.0};                                                             /* +-1/(2i)! */
+    double r2 = r * r, ps = 0.0, pc = 0.0;
     for (int i = 8; i >= 0; i--) ps = ps * r2 + sin_terms[i];
     for (int i = 9; i >= 0; i--) pc = pc * r2 + cos_terms[i];
     ps *= r;
@@ -702,11 +704,3 @@ void bfn_cache_compact(const Net *net, Cache *cache, int32_t from, int32_t keep)
     }
 }
 
-/* The instruction sets the kernel uses here: 0 the baseline, 1 AVX-512, 2 AVX-512 with VNNI. */
-int32_t bfn_kernel_isa(void) {
-#ifdef HAVE_VNNI_PATH
-    return avx512() ? 1 + vnni() : 0;
-#else
-    return 0;
-#endif
-}

@@ -28,7 +28,6 @@ from .sar import BOS
 
 _LIB = None
 P = ctypes.c_void_p
-ISA = ("baseline", "AVX-512", "AVX-512 VNNI")      # bfn_kernel_isa's answers
 
 
 KERNEL_VERSION = 3       # _context.c's KERNEL_VERSION: what this code expects
@@ -78,7 +77,6 @@ def _declare(lib):
     lib.bfn_cache_compact.restype = None
     lib.bfn_context_step.restype = lib.bfn_step_prior.restype = lib.bfn_step.restype = ctypes.c_int
     lib.bfn_elementary.restype = None
-    lib.bfn_kernel_isa.restype = int32
 
 
 class _Linear(ctypes.Structure):
@@ -257,7 +255,3 @@ def _elementary(lib, name, x, portable):
                        int(portable))
     return y
 
-
-def isa():
-    """Which instruction sets the kernel uses on this machine (the bits are the same on all)."""
-    return ISA[library().bfn_kernel_isa()]
